@@ -1,0 +1,210 @@
+//! The transport trait every backend implements.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+
+use crate::address::{Destination, QueueName, Topic};
+use crate::delivery::Delivery;
+use crate::error::{ConsumeError, DeclareError, PublishError, StatsError};
+use crate::message::Message;
+use crate::topology::{Binding, QueueSpec};
+
+/// The default largest payload a transport accepts: 4 MiB.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
+
+/// One message to publish, with where it goes and when it becomes visible.
+///
+/// ```
+/// use busway_core::{Message, Publish, QueueName};
+/// use std::time::Duration;
+///
+/// let publish = Publish::to_queue(QueueName::new("task_queue")?, Message::new("ping", "hi"))
+///     .with_delay(Duration::from_secs(5));
+/// assert_eq!(publish.delay, Some(Duration::from_secs(5)));
+/// # Ok::<(), busway_core::NameError>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Publish {
+    /// Where the message goes.
+    pub destination: Destination,
+    /// The message.
+    pub message: Message,
+    /// Deliver no earlier than this long after publishing.
+    pub delay: Option<Duration>,
+}
+
+impl Publish {
+    /// Publishes `message` to `topic`.
+    pub fn to_topic(topic: Topic, message: Message) -> Self {
+        Self {
+            destination: Destination::Topic(topic),
+            message,
+            delay: None,
+        }
+    }
+    /// Sends `message` straight to `queue`.
+    pub fn to_queue(queue: QueueName, message: Message) -> Self {
+        Self {
+            destination: Destination::Queue(queue),
+            message,
+            delay: None,
+        }
+    }
+    /// Delays delivery by `delay`.
+    pub fn with_delay(mut self, delay: Duration) -> Self {
+        self.delay = Some(delay);
+        self
+    }
+}
+
+/// When a publish call returns.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// Once the backend has made the message durable (fsync, commit, confirm).
+    #[default]
+    Durable,
+    /// As soon as the backend has accepted the message; it is made durable
+    /// shortly after. Faster, but a crash can lose what was just published.
+    Buffered,
+}
+
+/// Options for a consumer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConsumeOptions {
+    /// How many unsettled deliveries this consumer may hold at once (≥ 1).
+    pub prefetch: u16,
+}
+
+impl Default for ConsumeOptions {
+    fn default() -> Self {
+        Self { prefetch: 32 }
+    }
+}
+
+impl ConsumeOptions {
+    /// Options with the given prefetch.
+    pub fn with_prefetch(prefetch: u16) -> Self {
+        Self { prefetch }
+    }
+}
+
+/// The deliveries of one consumer. Ends when the transport is closed.
+pub type DeliveryStream = BoxStream<'static, Result<Delivery, ConsumeError>>;
+
+/// How a backend provides a feature.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Support {
+    /// The backend does it itself.
+    Native,
+    /// busway emulates it on top of the backend (see the backend's docs for how).
+    Emulated,
+    /// Not available on this backend.
+    Unsupported,
+}
+
+impl Support {
+    /// Native or emulated.
+    pub fn is_supported(self) -> bool {
+        self != Support::Unsupported
+    }
+}
+
+/// What a transport offers and how.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Delayed publish and `nack(retry_after)`.
+    pub delay: Support,
+    /// Priority queues.
+    pub priority: Support,
+    /// Per-queue and per-message TTL.
+    pub ttl: Support,
+    /// Max attempts and dead-letter queues.
+    pub dead_letter: Support,
+    /// Messages of equal priority reach a single consumer in publish order.
+    pub ordering: Support,
+    /// Messages survive a restart of the process and of the machine.
+    pub persistence: Support,
+    /// Several processes can share the same queues.
+    pub multi_process: Support,
+    /// Largest payload accepted.
+    pub max_payload_bytes: usize,
+}
+
+/// A snapshot of a queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Messages waiting to be delivered now.
+    pub ready: u64,
+    /// Messages waiting for their delay or retry backoff to pass.
+    pub delayed: u64,
+    /// Messages delivered and not yet settled.
+    pub in_flight: u64,
+    /// Consumers attached.
+    pub consumers: u64,
+    /// Messages in this queue's dead-letter queue.
+    pub dead_lettered: u64,
+}
+
+/// A message transport: the one trait every backend implements.
+///
+/// It is dyn-compatible, so applications hold an `Arc<dyn Transport>` and
+/// choose the backend by URL at run time.
+///
+/// ```
+/// use busway_core::Transport;
+/// fn assert_object_safe(_: &dyn Transport) {}
+/// ```
+#[async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// What this transport offers and how.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Declares a queue (and its dead-letter queue). Idempotent for the same spec.
+    async fn declare_queue(&self, spec: &QueueSpec) -> Result<(), DeclareError>;
+
+    /// Binds a queue to a topic pattern. Idempotent.
+    async fn bind(&self, binding: &Binding) -> Result<(), DeclareError>;
+
+    /// Publishes a batch. Returns when every message is durable (or, with
+    /// [`Durability::Buffered`], accepted). A batch is all-or-nothing where the
+    /// backend allows it.
+    async fn publish_batch(
+        &self,
+        batch: Vec<Publish>,
+        durability: Durability,
+    ) -> Result<(), PublishError>;
+
+    /// Publishes one message and returns when it is durable.
+    async fn publish(&self, publish: Publish) -> Result<(), PublishError> {
+        self.publish_batch(vec![publish], Durability::Durable).await
+    }
+
+    /// Starts a consumer on `queue`.
+    async fn consume(
+        &self,
+        queue: &QueueName,
+        options: ConsumeOptions,
+    ) -> Result<DeliveryStream, ConsumeError>;
+
+    /// A snapshot of a queue's counts.
+    async fn queue_stats(&self, queue: &QueueName) -> Result<QueueStats, StatsError>;
+
+    /// Stops consumers and returns their unsettled deliveries to their queues.
+    async fn close(&self);
+}
+
+impl Publish {
+    /// Checks the payload size against `max_payload_bytes` (for backends).
+    pub fn check_payload(&self, max_payload_bytes: usize) -> Result<(), PublishError> {
+        let size = self.message.payload.len();
+        if size > max_payload_bytes {
+            return Err(PublishError::PayloadTooLarge {
+                size,
+                max: max_payload_bytes,
+            });
+        }
+        Ok(())
+    }
+}
