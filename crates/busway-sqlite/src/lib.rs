@@ -1,0 +1,1 @@
+//! Embedded durable transport for busway on SQLite.
