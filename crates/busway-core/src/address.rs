@@ -164,9 +164,7 @@ impl TopicPattern {
                     }
                 }
                 PatternWord::One => {
-                    for j in 0..topic.len() {
-                        next[j + 1] = reachable[j];
-                    }
+                    next[1..].copy_from_slice(&reachable[..topic.len()]);
                 }
                 PatternWord::Literal(lit) => {
                     for j in 0..topic.len() {
