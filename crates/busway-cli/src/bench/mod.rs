@@ -1,0 +1,255 @@
+//! `busway bench`: throughput and latency of a transport, optionally side by
+//! side with the bare storage doing the same work (`--baseline raw`).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::{BufMut, Bytes, BytesMut};
+use clap::{Args, ValueEnum};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+mod raw;
+mod transport;
+
+/// Options of `busway bench`.
+#[derive(Args, Clone, Debug)]
+pub(crate) struct BenchArgs {
+    /// Backend to measure (`sqlite://PATH`, `memory://`).
+    #[arg(long, env = "BUSWAY_URL", default_value = busway::DEFAULT_URL)]
+    url: String,
+    /// Messages to send in total.
+    #[arg(long, default_value_t = 100_000)]
+    messages: u64,
+    /// Payload size in bytes (at least 8: the send time rides in the payload).
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+    /// Concurrent publishers.
+    #[arg(long, default_value_t = 1)]
+    publishers: usize,
+    /// Concurrent consumers.
+    #[arg(long, default_value_t = 1)]
+    consumers: usize,
+    /// Unsettled deliveries each consumer may hold (handlers run concurrently up to this).
+    #[arg(long, default_value_t = 100)]
+    prefetch: u16,
+    /// Publishes each publisher keeps in flight (awaiting durability).
+    #[arg(long, default_value_t = 100)]
+    window: usize,
+    /// Publish everything first, then consume: measures a deep queue (and its memory).
+    #[arg(long)]
+    sequential: bool,
+    /// Also run the bare storage doing the same work, and print the ratio.
+    #[arg(long, value_enum)]
+    baseline: Option<Baseline>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What to compare against.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub(crate) enum Baseline {
+    /// The backend's own client library doing the same work without busway.
+    Raw,
+}
+
+/// The figures of one run.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Report {
+    /// What ran: `busway` or a baseline's name.
+    system: String,
+    url: String,
+    messages: u64,
+    size: usize,
+    publishers: usize,
+    consumers: usize,
+    prefetch: u16,
+    window: usize,
+    sequential: bool,
+    /// Messages per second published (until the last publish was durable).
+    publish_rate: f64,
+    /// Messages per second consumed and acknowledged.
+    consume_rate: f64,
+    /// Messages per second from the first publish to the last acknowledgement.
+    e2e_rate: f64,
+    e2e_p50_us: u64,
+    e2e_p99_us: u64,
+    e2e_max_us: u64,
+    peak_rss_bytes: u64,
+    elapsed_secs: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    baseline: Option<Box<Report>>,
+    /// `e2e_rate / baseline.e2e_rate`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ratio: Option<f64>,
+}
+
+/// Timings a run collects; turned into a [`Report`].
+pub(crate) struct Measured {
+    publish_elapsed: Duration,
+    consume_elapsed: Duration,
+    total_elapsed: Duration,
+    latencies_us: Histogram<u64>,
+}
+
+pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.size < 8 {
+        bail!("--size must be at least 8 bytes (the send time rides in the payload)");
+    }
+    if args.publishers == 0 || args.consumers == 0 || args.prefetch == 0 || args.window == 0 {
+        bail!("--publishers, --consumers, --prefetch and --window must be at least 1");
+    }
+    if args.messages == 0 {
+        bail!("--messages must be at least 1");
+    }
+    let redacted = busway::redact_url(&args.url);
+
+    reset_peak_rss();
+    let measured = transport::run(&args)
+        .await
+        .with_context(|| format!("benchmark of {redacted} failed"))?;
+    let mut report = args.report("busway", &redacted, measured, peak_rss_bytes());
+
+    if let Some(Baseline::Raw) = args.baseline {
+        reset_peak_rss();
+        let (name, measured) = raw::run(&args).await.context("raw baseline failed")?;
+        let baseline = args.report(name, &redacted, measured, peak_rss_bytes());
+        report.ratio = Some(report.e2e_rate / baseline.e2e_rate);
+        report.baseline = Some(Box::new(baseline));
+    }
+
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+impl BenchArgs {
+    fn report(&self, system: &str, url: &str, m: Measured, peak_rss_bytes: u64) -> Report {
+        let n = self.messages as f64;
+        let rate = |d: Duration| n / d.as_secs_f64().max(1e-9);
+        Report {
+            system: system.into(),
+            url: url.into(),
+            messages: self.messages,
+            size: self.size,
+            publishers: self.publishers,
+            consumers: self.consumers,
+            prefetch: self.prefetch,
+            window: self.window,
+            sequential: self.sequential,
+            publish_rate: rate(m.publish_elapsed),
+            consume_rate: rate(m.consume_elapsed),
+            e2e_rate: rate(m.total_elapsed),
+            e2e_p50_us: m.latencies_us.value_at_quantile(0.50),
+            e2e_p99_us: m.latencies_us.value_at_quantile(0.99),
+            e2e_max_us: m.latencies_us.max(),
+            peak_rss_bytes,
+            elapsed_secs: m.total_elapsed.as_secs_f64(),
+            baseline: None,
+            ratio: None,
+        }
+    }
+
+    /// Messages publisher `p` sends: an even share, the remainder to the first ones.
+    fn share_of(&self, p: usize) -> u64 {
+        let n = self.publishers as u64;
+        self.messages / n + u64::from((p as u64) < self.messages % n)
+    }
+
+    fn progress(&self) -> ProgressBar {
+        if self.json || self.messages < 50_000 {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::new(self.messages);
+        if let Ok(style) =
+            ProgressStyle::with_template("{spinner} {wide_bar} {pos}/{len} {per_sec} eta {eta}")
+        {
+            bar.set_style(style);
+        }
+        bar
+    }
+}
+
+fn print_table(r: &Report) {
+    println!(
+        "busway bench: {} messages of {} B, {} publisher(s) x {} in flight, {} consumer(s) x prefetch {}{} on {}",
+        r.messages,
+        r.size,
+        r.publishers,
+        r.window,
+        r.consumers,
+        r.prefetch,
+        if r.sequential { ", publish then consume" } else { "" },
+        r.url
+    );
+    let mut rows = vec![r];
+    if let Some(b) = &r.baseline {
+        rows.push(b);
+    }
+    println!(
+        "{:<16} {:>12} {:>12} {:>12} {:>10} {:>10} {:>10} {:>10}",
+        "system", "publish/s", "consume/s", "e2e/s", "p50 us", "p99 us", "max us", "peak RSS"
+    );
+    for r in rows {
+        println!(
+            "{:<16} {:>12.0} {:>12.0} {:>12.0} {:>10} {:>10} {:>10} {:>8.1}MB",
+            r.system,
+            r.publish_rate,
+            r.consume_rate,
+            r.e2e_rate,
+            r.e2e_p50_us,
+            r.e2e_p99_us,
+            r.e2e_max_us,
+            r.peak_rss_bytes as f64 / 1e6
+        );
+    }
+    if let Some(ratio) = r.ratio {
+        println!("ratio (busway e2e / baseline e2e): {ratio:.2}");
+    }
+}
+
+/// A payload of `size` bytes carrying the nanoseconds since `start` in its first 8.
+pub(crate) fn stamped_payload(start: Instant, size: usize) -> Bytes {
+    let mut buf = BytesMut::with_capacity(size);
+    buf.put_u64_le(start.elapsed().as_nanos() as u64);
+    buf.resize(size, 0x5a);
+    buf.freeze()
+}
+
+/// Microseconds since the payload was stamped.
+pub(crate) fn latency_us(start: Instant, payload: &[u8]) -> u64 {
+    let sent = payload
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(0);
+    let now = start.elapsed().as_nanos() as u64;
+    now.saturating_sub(sent) / 1_000
+}
+
+pub(crate) fn new_histogram() -> anyhow::Result<Histogram<u64>> {
+    Ok(Histogram::new(3)?)
+}
+
+/// Peak resident set size of this process (VmHWM), in bytes.
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Resets the peak RSS so a baseline run is measured on its own (Linux ≥ 4.0).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}

@@ -1,0 +1,197 @@
+//! Baselines: the bare storage doing the same work as busway, in the same run.
+//!
+//! - `sqlite://`: plain rusqlite on a scratch file next to the database, with
+//!   the same journal and sync settings. Each publisher commits its window of
+//!   messages in one transaction; the consumer selects and deletes up to
+//!   `prefetch` rows per transaction. One connection is shared (SQLite has one
+//!   writer at a time; contending connections would only add busy waits).
+//! - `memory://`: a bounded tokio channel.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use busway::sqlite::{SqliteConfig, Synchronous};
+use rusqlite::{params, Connection};
+
+use super::{latency_us, new_histogram, stamped_payload, BenchArgs, Measured};
+
+pub(super) async fn run(args: &BenchArgs) -> anyhow::Result<(&'static str, Measured)> {
+    let scheme = args.url.split_once("://").map_or("", |(s, _)| s);
+    match scheme {
+        "sqlite" => {
+            let (path, config) = SqliteConfig::from_url(&args.url)?;
+            let args = args.clone();
+            let measured = tokio::task::spawn_blocking(move || raw_sqlite(&args, &path, &config)).await??;
+            Ok(("raw rusqlite", measured))
+        }
+        "memory" => Ok(("tokio mpsc", raw_channel(args).await?)),
+        other => bail!("no raw baseline for `{other}://` yet"),
+    }
+}
+
+fn scratch_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".raw-baseline");
+    path.with_file_name(name)
+}
+
+fn remove_database(path: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_os_string();
+        p.push(suffix);
+        let _ = std::fs::remove_file(PathBuf::from(p));
+    }
+}
+
+fn raw_sqlite(args: &BenchArgs, path: &Path, config: &SqliteConfig) -> anyhow::Result<Measured> {
+    let path = scratch_path(path);
+    remove_database(&path);
+    let conn = Connection::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let synchronous = match config.synchronous {
+        Synchronous::Normal => "NORMAL",
+        _ => "FULL",
+    };
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous={synchronous};
+         CREATE TABLE raw_messages(seq INTEGER PRIMARY KEY, payload BLOB NOT NULL);"
+    ))?;
+    let conn = Arc::new(Mutex::new(conn));
+    let lock = |c: &Mutex<Connection>| c.lock().map_err(|_| anyhow!("connection lock poisoned"));
+    let acked = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+
+    let publish = |p: usize| {
+        let (conn, n) = (conn.clone(), args.share_of(p));
+        let (size, window) = (args.size, args.window as u64);
+        std::thread::spawn(move || -> anyhow::Result<()> {
+            let mut sent = 0;
+            while sent < n {
+                let batch = window.min(n - sent);
+                let mut c = lock(&conn)?;
+                let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                {
+                    let mut insert = tx.prepare_cached("INSERT INTO raw_messages(payload) VALUES (?1)")?;
+                    for _ in 0..batch {
+                        insert.execute(params![&stamped_payload(start, size)[..]])?;
+                    }
+                }
+                tx.commit()?;
+                sent += batch;
+            }
+            Ok(())
+        })
+    };
+    let consume = || {
+        let (conn, acked, total) = (conn.clone(), acked.clone(), args.messages);
+        let prefetch = i64::from(args.prefetch);
+        std::thread::spawn(move || -> anyhow::Result<_> {
+            let mut latencies = new_histogram()?;
+            let mut idle_since = Instant::now();
+            while acked.load(Ordering::Relaxed) < total {
+                let mut c = lock(&conn)?;
+                let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let rows = {
+                    let mut select =
+                        tx.prepare_cached("SELECT seq, payload FROM raw_messages ORDER BY seq LIMIT ?1")?;
+                    let rows = select
+                        .query_map([prefetch], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))?
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let mut delete = tx.prepare_cached("DELETE FROM raw_messages WHERE seq = ?1")?;
+                    for (seq, _) in &rows {
+                        delete.execute([seq])?;
+                    }
+                    rows
+                };
+                tx.commit()?;
+                drop(c);
+                if rows.is_empty() {
+                    if idle_since.elapsed() > Duration::from_secs(30) {
+                        bail!("raw consumer made no progress for 30 s");
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+                idle_since = Instant::now();
+                for (_, payload) in &rows {
+                    latencies.record(latency_us(start, payload))?;
+                }
+                acked.fetch_add(rows.len() as u64, Ordering::Relaxed);
+            }
+            Ok(latencies)
+        })
+    };
+
+    let mut consumers = Vec::new();
+    if !args.sequential {
+        consumers = (0..args.consumers).map(|_| consume()).collect();
+    }
+    for p in (0..args.publishers).map(publish).collect::<Vec<_>>() {
+        p.join().map_err(|_| anyhow!("publisher thread panicked"))??;
+    }
+    let publish_elapsed = start.elapsed();
+    let consume_start = Instant::now();
+    if args.sequential {
+        consumers = (0..args.consumers).map(|_| consume()).collect();
+    }
+    let mut latencies = new_histogram()?;
+    for c in consumers {
+        latencies.add(c.join().map_err(|_| anyhow!("consumer thread panicked"))??)?;
+    }
+    let total_elapsed = start.elapsed();
+    drop(conn);
+    remove_database(&path);
+    Ok(Measured {
+        publish_elapsed,
+        consume_elapsed: if args.sequential { consume_start.elapsed() } else { total_elapsed },
+        total_elapsed,
+        latencies_us: latencies,
+    })
+}
+
+async fn raw_channel(args: &BenchArgs) -> anyhow::Result<Measured> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(usize::from(args.prefetch).max(1) * args.consumers);
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let start = Instant::now();
+    let consumers: Vec<_> = (0..args.consumers)
+        .map(|_| {
+            let rx = rx.clone();
+            tokio::spawn(async move {
+                let mut latencies = new_histogram()?;
+                while let Some(payload) = rx.lock().await.recv().await {
+                    latencies.record(latency_us(start, &payload))?;
+                }
+                Ok::<_, anyhow::Error>(latencies)
+            })
+        })
+        .collect();
+    let publishers: Vec<_> = (0..args.publishers)
+        .map(|p| {
+            let (tx, n, size) = (tx.clone(), args.share_of(p), args.size);
+            tokio::spawn(async move {
+                for _ in 0..n {
+                    tx.send(stamped_payload(start, size)).await?;
+                }
+                Ok::<_, anyhow::Error>(())
+            })
+        })
+        .collect();
+    drop(tx);
+    for p in publishers {
+        p.await??;
+    }
+    let publish_elapsed = start.elapsed();
+    let mut latencies = new_histogram()?;
+    for c in consumers {
+        latencies.add(c.await??)?;
+    }
+    let total_elapsed = start.elapsed();
+    Ok(Measured {
+        publish_elapsed,
+        consume_elapsed: total_elapsed,
+        total_elapsed,
+        latencies_us: latencies,
+    })
+}

@@ -1,0 +1,112 @@
+//! busway: messaging patterns for Rust microservices.
+//!
+//! Pick a backend by URL and get a [`Transport`]:
+//!
+//! | URL | backend |
+//! |---|---|
+//! | `sqlite://PATH` (the default, [`DEFAULT_URL`]) | embedded, durable, zero setup |
+//! | `memory://` | in-process, fastest, not durable |
+//!
+//! ```
+//! use busway::{Message, Publish, QueueName, QueueSpec, ConsumeOptions};
+//! use futures::StreamExt;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let transport = busway::connect("memory://").await?;
+//! let queue = QueueName::new("task_queue")?;
+//! transport.declare_queue(&QueueSpec::new(queue.clone())).await?;
+//! transport.publish(Publish::to_queue(queue.clone(), Message::new("send_email", "hi"))).await?;
+//!
+//! let mut deliveries = transport.consume(&queue, ConsumeOptions::default()).await?;
+//! if let Some(delivery) = deliveries.next().await {
+//!     let delivery = delivery?;
+//!     assert_eq!(delivery.message().kind, "send_email");
+//!     delivery.ack().await?;
+//! }
+//! # Ok(())
+//! # }
+//! # tokio::runtime::Runtime::new().unwrap().block_on(run()).unwrap();
+//! ```
+
+use std::sync::Arc;
+
+pub use busway_core::*;
+#[cfg(feature = "memory")]
+pub use busway_memory as memory;
+#[cfg(feature = "sqlite")]
+pub use busway_sqlite as sqlite;
+
+/// The URL used when none is given: an embedded database in the working directory.
+pub const DEFAULT_URL: &str = "sqlite://busway.db";
+
+/// Opens the transport a URL names. See the crate docs for the schemes.
+pub async fn connect(url: &str) -> Result<Arc<dyn Transport>, ConnectError> {
+    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or(url);
+    match scheme {
+        #[cfg(feature = "memory")]
+        "memory" => Ok(Arc::new(busway_memory::MemoryTransport::new())),
+        #[cfg(feature = "sqlite")]
+        "sqlite" => {
+            let (path, config) = busway_sqlite::SqliteConfig::from_url(url)?;
+            Ok(Arc::new(busway_sqlite::SqliteTransport::open_with(path, config)?))
+        }
+        _ => Err(ConnectError::InvalidUrl {
+            url: redact_url(url),
+            reason: format!(
+                "unknown or disabled scheme `{scheme}`; this build supports: {}",
+                supported_schemes().join(", ")
+            ),
+        }),
+    }
+}
+
+/// The URL schemes this build can open.
+pub fn supported_schemes() -> Vec<&'static str> {
+    #[allow(unused_mut)]
+    let mut schemes = Vec::new();
+    #[cfg(feature = "sqlite")]
+    schemes.push("sqlite://");
+    #[cfg(feature = "memory")]
+    schemes.push("memory://");
+    schemes
+}
+
+/// `url` with any password replaced by `***`, safe for logs and errors.
+///
+/// ```
+/// assert_eq!(busway::redact_url("amqp://guest:secret@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");
+/// assert_eq!(busway::redact_url("sqlite://busway.db"), "sqlite://busway.db");
+/// ```
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            let masked = if userinfo.contains(':') { ":***" } else { "" };
+            format!("{scheme}://{user}{masked}@{host}{tail}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// The README's examples, compiled as doctests.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unknown_scheme_is_a_clear_error() {
+        let err = connect("kafka://user:pw@host").await.err().map(|e| e.to_string());
+        let err = err.unwrap_or_default();
+        assert!(err.contains("kafka"), "{err}");
+        assert!(!err.contains("pw"), "password leaked: {err}");
+    }
+}
