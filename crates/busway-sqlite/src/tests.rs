@@ -1,0 +1,293 @@
+//! Tests of the parts the conformance suite does not reach: leases across
+//! processes, crashes, limits, the query plan.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use busway_core::{
+    ConsumeOptions, Delivery, DeliveryStream, Durability, Message, Publish, PublishError,
+    QueueName, QueueSpec, SettleError, Transport,
+};
+use futures::StreamExt;
+
+use crate::{SqliteConfig, SqliteTransport};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn open(path: &Path, lease: Duration) -> Result<SqliteTransport, busway_core::ConnectError> {
+    SqliteTransport::open_with(
+        path,
+        SqliteConfig {
+            lease,
+            ..SqliteConfig::default()
+        },
+    )
+}
+
+async fn next(stream: &mut DeliveryStream) -> Result<Delivery, Box<dyn std::error::Error>> {
+    match tokio::time::timeout(WAIT, stream.next()).await {
+        Ok(Some(delivery)) => Ok(delivery?),
+        Ok(None) => Err("the stream ended".into()),
+        Err(_) => Err("no delivery in time".into()),
+    }
+}
+
+async fn nothing_within(stream: &mut DeliveryStream, wait: Duration) -> TestResult {
+    match tokio::time::timeout(wait, stream.next()).await {
+        Err(_) => Ok(()),
+        Ok(other) => Err(format!("expected nothing, got {other:?}").into()),
+    }
+}
+
+async fn declared(
+    t: &SqliteTransport,
+    name: &str,
+) -> Result<QueueName, Box<dyn std::error::Error>> {
+    let q = QueueName::new(name)?;
+    t.declare_queue(&QueueSpec::new(q.clone())).await?;
+    Ok(q)
+}
+
+fn text(d: &Delivery) -> String {
+    String::from_utf8_lossy(&d.message().payload).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reopen_without_close_keeps_messages() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("b.db");
+    let t = SqliteTransport::open(&path)?;
+    let q = declared(&t, "keep").await?;
+    for i in 0..3 {
+        t.publish(Publish::to_queue(
+            q.clone(),
+            Message::new("k", i.to_string()),
+        ))
+        .await?;
+    }
+    drop(t);
+    let t = SqliteTransport::open(&path)?;
+    // Declaring again with the same spec is a no-op.
+    t.declare_queue(&QueueSpec::new(q.clone())).await?;
+    assert_eq!(t.queue_stats(&q).await?.ready, 3);
+    let mut s = t.consume(&q, ConsumeOptions::with_prefetch(3)).await?;
+    for i in 0..3 {
+        let d = next(&mut s).await?;
+        assert_eq!(text(&d), i.to_string());
+        assert_eq!(d.attempt(), 1);
+        d.ack().await?;
+    }
+    t.close().await;
+    Ok(())
+}
+
+/// A process that dies holding a delivery: another process gets it once the
+/// lease runs out, with the attempt counted; the dead one's ack fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_expiry_redelivers_with_next_attempt() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("b.db");
+    let lease = Duration::from_millis(600);
+    let a = open(&path, lease)?;
+    let q = declared(&a, "crash").await?;
+    a.publish(Publish::to_queue(q.clone(), Message::new("job", "held")))
+        .await?;
+    let mut sa = a.consume(&q, ConsumeOptions::with_prefetch(1)).await?;
+    let held = next(&mut sa).await?;
+    let leased_at = Instant::now();
+    assert_eq!(held.attempt(), 1);
+    a.crash();
+
+    let b = open(&path, lease)?;
+    let stats = b.queue_stats(&q).await?;
+    assert_eq!((stats.ready, stats.in_flight), (0, 1), "{stats:?}");
+    let mut sb = b.consume(&q, ConsumeOptions::with_prefetch(1)).await?;
+    let d = next(&mut sb).await?;
+    assert!(
+        leased_at.elapsed() >= lease - Duration::from_millis(50),
+        "redelivered after {:?}, before the lease ran out",
+        leased_at.elapsed()
+    );
+    assert_eq!(text(&d), "held");
+    assert_eq!(d.attempt(), 2);
+    assert!(held.ack().await.is_err());
+    d.ack().await?;
+    b.close().await;
+    Ok(())
+}
+
+/// A live consumer slower than its lease keeps the delivery: renewals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_slow_consumer_keeps_its_lease() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("b.db");
+    let lease = Duration::from_millis(300);
+    let a = open(&path, lease)?;
+    let b = open(&path, lease)?;
+    let q = declared(&a, "slow").await?;
+    a.publish(Publish::to_queue(q.clone(), Message::new("job", "slow")))
+        .await?;
+    let mut sa = a.consume(&q, ConsumeOptions::with_prefetch(1)).await?;
+    let d = next(&mut sa).await?;
+    let mut sb = b.consume(&q, ConsumeOptions::with_prefetch(1)).await?;
+    nothing_within(&mut sb, lease * 4).await?;
+    d.ack().await?;
+    nothing_within(&mut sb, Duration::from_millis(100)).await?;
+    assert_eq!(b.queue_stats(&q).await?.consumers, 2);
+    a.close().await;
+    b.close().await;
+    Ok(())
+}
+
+/// Two transports on one file see each other's commits promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_transport_sees_commits_within_the_poll_interval() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("b.db");
+    let publisher = SqliteTransport::open(&path)?;
+    let consumer = SqliteTransport::open(&path)?;
+    let q = declared(&publisher, "shared").await?;
+    let mut s = consumer
+        .consume(&q, ConsumeOptions::with_prefetch(10))
+        .await?;
+    nothing_within(&mut s, Duration::from_millis(50)).await?;
+    let mut slowest = Duration::ZERO;
+    for i in 0..10 {
+        let sent = Instant::now();
+        publisher
+            .publish(Publish::to_queue(
+                q.clone(),
+                Message::new("x", i.to_string()),
+            ))
+            .await?;
+        let d = next(&mut s).await?;
+        slowest = slowest.max(sent.elapsed());
+        assert_eq!(text(&d), i.to_string());
+        d.ack().await?;
+    }
+    // Generous: this machine also runs other builds.
+    assert!(slowest < Duration::from_millis(500), "slowest {slowest:?}");
+    // Topology declared by the other transport is seen too.
+    let late = declared(&consumer, "declared_later").await?;
+    publisher
+        .publish(Publish::to_queue(late.clone(), Message::new("x", "y")))
+        .await?;
+    assert_eq!(consumer.queue_stats(&late).await?.ready, 1);
+    publisher.close().await;
+    consumer.close().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_length_refuses_the_whole_batch() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let t = SqliteTransport::open(dir.path().join("b.db"))?;
+    let q = QueueName::new("bounded")?;
+    t.declare_queue(&QueueSpec::new(q.clone()).with_max_length(3))
+        .await?;
+    let batch = |n: usize| {
+        (0..n)
+            .map(|i| Publish::to_queue(q.clone(), Message::new("m", i.to_string())))
+            .collect::<Vec<_>>()
+    };
+    t.publish_batch(batch(2), Durability::Durable).await?;
+    match t.publish_batch(batch(2), Durability::Durable).await {
+        Err(PublishError::QueueFull { max_length: 3, .. }) => {}
+        other => return Err(format!("expected QueueFull, got {other:?}").into()),
+    }
+    assert_eq!(t.queue_stats(&q).await?.ready, 2);
+    // Buffered: accepted before the commit, stored shortly after.
+    t.publish_batch(batch(1), Durability::Buffered).await?;
+    let deadline = Instant::now() + WAIT;
+    while t.queue_stats(&q).await?.ready != 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the buffered publish was not stored"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    t.close().await;
+    Ok(())
+}
+
+/// Deliveries buffered by prefetch but never handed out do not use up attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unseen_buffered_deliveries_are_not_attempts() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let t = SqliteTransport::open(dir.path().join("b.db"))?;
+    let q = QueueName::new("once")?;
+    t.declare_queue(&QueueSpec::new(q.clone()).with_max_attempts(1))
+        .await?;
+    for i in 0..3 {
+        t.publish(Publish::to_queue(
+            q.clone(),
+            Message::new("m", i.to_string()),
+        ))
+        .await?;
+    }
+    let mut s = t.consume(&q, ConsumeOptions::with_prefetch(10)).await?;
+    let first = next(&mut s).await?;
+    // Let the other two reach the buffer.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(s);
+    first.ack().await?;
+    let mut s = t.consume(&q, ConsumeOptions::with_prefetch(10)).await?;
+    for i in 1..3 {
+        let d = next(&mut s).await?;
+        assert_eq!(text(&d), i.to_string());
+        assert_eq!(d.attempt(), 1);
+        d.ack().await?;
+    }
+    assert_eq!(t.queue_stats(&q).await?.dead_lettered, 0);
+    t.close().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_without_dead_letter_queue_returns_the_message() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let t = SqliteTransport::open(dir.path().join("b.db"))?;
+    let q = QueueName::new("no_dlq")?;
+    t.declare_queue(&QueueSpec::new(q.clone()).with_dead_letter(None))
+        .await?;
+    t.publish(Publish::to_queue(q.clone(), Message::new("m", "stay")))
+        .await?;
+    let mut s = t.consume(&q, ConsumeOptions::with_prefetch(1)).await?;
+    let d = next(&mut s).await?;
+    match d.dead_letter("bad").await {
+        Err(SettleError::NoDeadLetterQueue(name)) if name == q => {}
+        other => return Err(format!("expected NoDeadLetterQueue, got {other:?}").into()),
+    }
+    let d = next(&mut s).await?;
+    assert_eq!(text(&d), "stay");
+    assert_eq!(d.attempt(), 2);
+    d.ack().await?;
+    t.close().await;
+    Ok(())
+}
+
+/// The dequeue is an index range scan in delivery order: no table scan, no sort.
+#[test]
+fn dequeue_uses_the_ready_index() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("b.db");
+    drop(SqliteTransport::open(&path)?);
+    let conn = rusqlite::Connection::open(&path)?;
+    let plan = |sql: &str| -> Result<String, rusqlite::Error> {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(3))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?.join("; "))
+    };
+    let dequeue = plan(&format!(
+        "SELECT {} FROM busway_messages WHERE queue = 'q' AND lane = 0 AND visible_at <= 5 \
+         ORDER BY visible_at, seq LIMIT 10",
+        crate::row::ROW_COLUMNS
+    ))?;
+    assert!(dequeue.contains("busway_messages_ready"), "{dequeue}");
+    assert!(!dequeue.contains("TEMP B-TREE"), "{dequeue}");
+    let renew = plan("UPDATE busway_messages SET visible_at = 1 WHERE lease_owner = 'x'")?;
+    assert!(renew.contains("busway_messages_leased"), "{renew}");
+    Ok(())
+}

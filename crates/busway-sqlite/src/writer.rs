@@ -1,0 +1,1264 @@
+//! The writer thread: it owns the write connection and runs every mutation.
+//!
+//! Commands arrive over a channel. The thread blocks for the first one,
+//! drains whatever else is queued (up to `max_batch`), runs them all in one
+//! `BEGIN IMMEDIATE` transaction and commits once, so one fsync covers the
+//! whole batch (group commit). Then it answers each command. A command that
+//! fails runs inside its own savepoint and is rolled back alone; the others
+//! commit.
+//!
+//! Rule for the operations below: a refusal (`Fail::Op`) is decided before
+//! the operation writes anything, except the deliberate release that
+//! accompanies `SettleError::NoDeadLetterQueue`. So a savepoint is rolled
+//! back only when SQLite itself failed.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use busway_core::{
+    headers, unix_millis, Binding, ConsumeError, DeclareError, Destination, Durability, Publish,
+    PublishError, QueueName, QueueSpec, SettleError, Settlement, Topic, TopicPattern,
+};
+use rusqlite::{params, Connection, OptionalExtension, Params};
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
+
+use crate::error::{Fail, FromSqlite};
+use crate::row::{millis, StoredRow, ROW_COLUMNS};
+use crate::wake::Wakers;
+
+/// Identifies one lease of one row: the row and the token of the lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct LeaseId {
+    pub(crate) seq: i64,
+    pub(crate) token: i64,
+}
+
+/// Rows leased for a consumer.
+#[derive(Debug)]
+pub(crate) struct LeaseBatch {
+    /// The rows, in delivery order, with `attempt` already counting this delivery.
+    pub(crate) rows: Vec<StoredRow>,
+    /// The lease token of every row of the batch.
+    pub(crate) token: i64,
+    /// When fewer rows than asked were ready: the earliest future moment a
+    /// row of the queue becomes visible (delay, retry backoff, lease expiry).
+    pub(crate) next_visible_at: Option<i64>,
+}
+
+/// A reply channel.
+type Reply<T, E> = oneshot::Sender<Result<T, E>>;
+
+/// Everything the writer does.
+pub(crate) enum Command {
+    Declare {
+        spec: QueueSpec,
+        reply: Reply<(), DeclareError>,
+    },
+    Bind {
+        binding: Binding,
+        reply: Reply<(), DeclareError>,
+    },
+    Publish {
+        batch: Vec<Publish>,
+        durability: Durability,
+        reply: Reply<(), PublishError>,
+        /// Bounds the publishes queued for the writer; freed once executed.
+        permit: OwnedSemaphorePermit,
+    },
+    AddConsumer {
+        id: String,
+        queue: QueueName,
+        reply: Reply<(), ConsumeError>,
+    },
+    RemoveConsumer {
+        id: String,
+    },
+    Lease {
+        queue: QueueName,
+        max: usize,
+        reply: Reply<LeaseBatch, ConsumeError>,
+    },
+    Settle {
+        lease: LeaseId,
+        queue: QueueName,
+        settlement: Settlement,
+        reply: Reply<(), SettleError>,
+    },
+    /// Returns a delivery to its queue. `undelivered`: it never reached the
+    /// application, so the lease does not count as an attempt.
+    Release {
+        lease: LeaseId,
+        queue: QueueName,
+        undelivered: bool,
+    },
+    /// Releases every lease of this transport, removes its consumers, and
+    /// stops the thread. `undelivered` leases do not count as attempts.
+    Close {
+        undelivered: Vec<LeaseId>,
+        reply: Option<oneshot::Sender<()>>,
+    },
+    /// Stops the thread without releasing anything, as a crash would.
+    #[cfg(test)]
+    Crash,
+}
+
+impl Command {
+    fn is_close(&self) -> bool {
+        match self {
+            Command::Close { .. } => true,
+            #[cfg(test)]
+            Command::Crash => true,
+            _ => false,
+        }
+    }
+
+    /// Answers the command with "closed" without running it.
+    fn refuse_closed(self) {
+        match self {
+            Command::Declare { reply, .. } | Command::Bind { reply, .. } => {
+                let _ = reply.send(Err(DeclareError::Closed));
+            }
+            Command::Publish { reply, .. } => {
+                let _ = reply.send(Err(PublishError::Closed));
+            }
+            Command::AddConsumer { reply, .. } => {
+                let _ = reply.send(Err(ConsumeError::Closed));
+            }
+            Command::Lease { reply, .. } => {
+                let _ = reply.send(Err(ConsumeError::Closed));
+            }
+            Command::Settle { reply, .. } => {
+                let _ = reply.send(Err(SettleError::Closed));
+            }
+            Command::Close { reply, .. } => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(());
+                }
+            }
+            Command::RemoveConsumer { .. } | Command::Release { .. } => {}
+            #[cfg(test)]
+            Command::Crash => {}
+        }
+    }
+}
+
+/// What the writer needs to know.
+pub(crate) struct WriterSettings {
+    pub(crate) owner: String,
+    pub(crate) lease: Duration,
+    pub(crate) poll_interval: Duration,
+    pub(crate) max_batch: usize,
+    pub(crate) max_payload_bytes: usize,
+}
+
+/// Starts the writer thread.
+pub(crate) fn spawn(
+    conn: Connection,
+    settings: WriterSettings,
+    wakers: Arc<Wakers>,
+    rx: Receiver<Command>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let writer = Writer {
+        conn,
+        owner: settings.owner,
+        lease_ms: millis(settings.lease),
+        renew_every: settings.lease / 3,
+        poll_interval: settings.poll_interval,
+        max_batch: settings.max_batch,
+        max_payload_bytes: settings.max_payload_bytes,
+        wakers,
+        specs: HashMap::new(),
+        bindings: None,
+        data_version: None,
+        lengths: HashMap::new(),
+        touched: HashSet::new(),
+        last_now: 0,
+        next_token: 1,
+        consumers: HashSet::new(),
+        leases_outstanding: false,
+        retry: Vec::new(),
+    };
+    std::thread::Builder::new()
+        .name("busway-sqlite-writer".into())
+        .spawn(move || writer.run(rx))
+}
+
+/// A reply to send once the batch's commit is known.
+enum Done {
+    Publish(Reply<(), PublishError>),
+    Declare(Reply<(), DeclareError>),
+    AddConsumer(Reply<(), ConsumeError>, String),
+    Lease(Reply<LeaseBatch, ConsumeError>, LeaseBatch, QueueName),
+    Settle(
+        Reply<(), SettleError>,
+        Result<(), SettleError>,
+        LeaseId,
+        QueueName,
+    ),
+    Close(Option<oneshot::Sender<()>>),
+}
+
+/// How long to wait before retrying internal commands after a failure.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+struct Writer {
+    conn: Connection,
+    /// This transport's id, written into `lease_owner`.
+    owner: String,
+    lease_ms: i64,
+    renew_every: Duration,
+    poll_interval: Duration,
+    max_batch: usize,
+    max_payload_bytes: usize,
+    wakers: Arc<Wakers>,
+    /// Queue specs read so far; cleared when another process commits.
+    specs: HashMap<QueueName, QueueSpec>,
+    /// All bindings, once read; cleared when another process commits.
+    bindings: Option<Vec<Binding>>,
+    /// The last `PRAGMA data_version` seen.
+    data_version: Option<i64>,
+    /// Lengths of `max_length` queues counted during the current batch.
+    lengths: HashMap<QueueName, u64>,
+    /// Queues whose consumers to wake after the current batch commits.
+    touched: HashSet<QueueName>,
+    /// The clock never goes backwards within one writer.
+    last_now: i64,
+    next_token: i64,
+    /// Consumers of this transport; while there are any, the thread polls
+    /// for other processes' commits and heartbeats.
+    consumers: HashSet<String>,
+    /// This transport may hold leases that need renewing.
+    leases_outstanding: bool,
+    /// Internal commands (releases, consumer removals) to run again after
+    /// their transaction failed: they must not be lost.
+    retry: Vec<Command>,
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Command>) {
+        let mut last_poll = Instant::now();
+        let mut last_renew = Instant::now();
+        loop {
+            let mut batch = std::mem::take(&mut self.retry);
+            if !batch.is_empty() {
+                std::thread::sleep(RETRY_PAUSE);
+            } else {
+                let deadline = self.next_deadline(last_poll, last_renew);
+                let first = match deadline {
+                    None => match rx.recv() {
+                        Ok(c) => Some(c),
+                        Err(_) => return,
+                    },
+                    Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now()))
+                    {
+                        Ok(c) => Some(c),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    },
+                };
+                batch.extend(first);
+            }
+            if !batch.iter().any(Command::is_close) {
+                while batch.len() < self.max_batch {
+                    match rx.try_recv() {
+                        Ok(c) => {
+                            let close = c.is_close();
+                            batch.push(c);
+                            if close {
+                                break;
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            let renew_due = self.renew_active() && last_renew.elapsed() >= self.renew_every;
+            if batch.is_empty() && !renew_due {
+                if self.poll_active() && last_poll.elapsed() >= self.poll_interval {
+                    last_poll = Instant::now();
+                    self.poll_data_version();
+                }
+                continue;
+            }
+            if renew_due {
+                last_renew = Instant::now();
+            }
+            last_poll = Instant::now();
+            if self.run_batch(batch, renew_due) {
+                return;
+            }
+        }
+    }
+
+    fn poll_active(&self) -> bool {
+        !self.consumers.is_empty()
+    }
+
+    fn renew_active(&self) -> bool {
+        !self.consumers.is_empty() || self.leases_outstanding
+    }
+
+    /// When the thread must wake up on its own, if ever.
+    fn next_deadline(&self, last_poll: Instant, last_renew: Instant) -> Option<Instant> {
+        let poll = self.poll_active().then(|| last_poll + self.poll_interval);
+        let renew = self.renew_active().then(|| last_renew + self.renew_every);
+        match (poll, renew) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn now(&mut self) -> i64 {
+        let now = unix_millis(SystemTime::now()).max(self.last_now);
+        self.last_now = now;
+        now
+    }
+
+    fn exec<P: Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize> {
+        self.conn.prepare_cached(sql)?.execute(params)
+    }
+
+    /// Checks whether another connection committed since the last look; if
+    /// so, forgets cached topology and wakes every consumer.
+    fn check_data_version(&mut self) -> rusqlite::Result<()> {
+        let version: i64 = self
+            .conn
+            .prepare_cached("PRAGMA data_version")?
+            .query_row([], |r| r.get(0))?;
+        if self.data_version != Some(version) {
+            if self.data_version.is_some() {
+                self.invalidate_caches();
+                self.wakers.bump_all();
+            }
+            self.data_version = Some(version);
+        }
+        Ok(())
+    }
+
+    fn poll_data_version(&mut self) {
+        if let Err(e) = self.check_data_version() {
+            tracing::debug!(error = %e, "polling data_version failed");
+        }
+    }
+
+    fn invalidate_caches(&mut self) {
+        self.specs.clear();
+        self.bindings = None;
+        self.lengths.clear();
+    }
+
+    /// Runs one batch in one transaction. Returns whether the thread stops.
+    fn run_batch(&mut self, batch: Vec<Command>, renew: bool) -> bool {
+        let now = self.now();
+        self.lengths.clear();
+        self.touched.clear();
+        if let Err(e) = self.exec("BEGIN IMMEDIATE", []) {
+            tracing::warn!(error = %e, "could not start a write transaction");
+            return self.fail_all(batch, &e);
+        }
+        if let Err(e) = self.check_data_version() {
+            tracing::debug!(error = %e, "reading data_version failed");
+            self.invalidate_caches();
+        }
+        let mut done = Vec::with_capacity(batch.len());
+        let mut stop = false;
+        let mut lost: Option<rusqlite::Error> = None;
+        let mut commands = batch.into_iter();
+        for command in commands.by_ref() {
+            if stop {
+                command.refuse_closed();
+                continue;
+            }
+            stop |= command.is_close();
+            self.execute(command, now, &mut done);
+            if self.conn.is_autocommit() {
+                // SQLite rolled the whole transaction back (I/O error, disk
+                // full, ...): nothing of this batch is stored.
+                lost = Some(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+                    Some("the transaction was rolled back by SQLite".into()),
+                ));
+                break;
+            }
+        }
+        if renew && lost.is_none() {
+            if let Err(e) = self.renew(now) {
+                tracing::warn!(error = %e, "renewing leases failed");
+            }
+        }
+        let outcome = match lost {
+            Some(e) => Err(e),
+            None => self.exec("COMMIT", []).map(|_| ()),
+        };
+        if let Err(e) = &outcome {
+            tracing::warn!(error = %e, "committing a batch failed; it was rolled back");
+            if !self.conn.is_autocommit() {
+                let _ = self.exec("ROLLBACK", []);
+            }
+            self.invalidate_caches();
+            for command in commands {
+                stop |= command.is_close();
+                command.fail(e, &mut self.retry);
+            }
+        }
+        let error = outcome.err();
+        for d in done {
+            self.finish(d, error.as_ref());
+        }
+        if error.is_none() {
+            for queue in self.touched.drain() {
+                self.wakers.bump(&queue);
+            }
+        }
+        stop
+    }
+
+    /// Answers every command of a batch that could not run. Returns whether
+    /// the thread stops.
+    fn fail_all(&mut self, batch: Vec<Command>, e: &rusqlite::Error) -> bool {
+        let mut stop = false;
+        for command in batch {
+            stop |= command.is_close();
+            command.fail(e, &mut self.retry);
+        }
+        stop
+    }
+
+    /// Sends a reply whose fate depended on the commit.
+    fn finish(&mut self, done: Done, error: Option<&rusqlite::Error>) {
+        match done {
+            Done::Publish(reply) => {
+                let _ = reply.send(error.map_or(Ok(()), |e| Err(sql_error(e))));
+            }
+            Done::Declare(reply) => {
+                let _ = reply.send(error.map_or(Ok(()), |e| Err(sql_error(e))));
+            }
+            Done::AddConsumer(reply, id) => {
+                if error.is_some() {
+                    self.consumers.remove(&id);
+                }
+                let _ = reply.send(error.map_or(Ok(()), |e| Err(sql_error(e))));
+            }
+            Done::Lease(reply, batch, queue) => match error {
+                Some(e) => {
+                    let _ = reply.send(Err(sql_error(e)));
+                }
+                None => {
+                    if let Err(Ok(batch)) = reply.send(Ok(batch)) {
+                        // The consumer is gone: give the rows back.
+                        for row in batch.rows {
+                            self.retry.push(Command::Release {
+                                lease: LeaseId {
+                                    seq: row.seq,
+                                    token: batch.token,
+                                },
+                                queue: queue.clone(),
+                                undelivered: true,
+                            });
+                        }
+                    }
+                }
+            },
+            Done::Settle(reply, result, lease, queue) => {
+                let result = match error {
+                    Some(e) => Err(sql_error(e)),
+                    None => result,
+                };
+                if matches!(result, Err(SettleError::Backend { .. })) {
+                    // Not settled, but the application has let go of the
+                    // delivery: return it, or renewal would keep it forever.
+                    self.retry.push(Command::Release {
+                        lease,
+                        queue,
+                        undelivered: false,
+                    });
+                }
+                let _ = reply.send(result);
+            }
+            Done::Close(reply) => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(());
+                }
+            }
+        }
+    }
+
+    /// Runs one command inside the open transaction.
+    fn execute(&mut self, command: Command, now: i64, done: &mut Vec<Done>) {
+        match command {
+            Command::Publish {
+                batch,
+                durability,
+                reply,
+                permit,
+            } => {
+                let result = self.publish(&batch, now).map_err(Fail::into_error);
+                drop(permit);
+                if result.is_err() || durability == Durability::Buffered {
+                    let _ = reply.send(result);
+                } else {
+                    done.push(Done::Publish(reply));
+                }
+            }
+            Command::Declare { spec, reply } => match self.in_savepoint(|w| w.declare(&spec)) {
+                Ok(()) => done.push(Done::Declare(reply)),
+                Err(e) => {
+                    let _ = reply.send(Err(e.into_error()));
+                }
+            },
+            Command::Bind { binding, reply } => match self.bind(&binding) {
+                Ok(()) => done.push(Done::Declare(reply)),
+                Err(e) => {
+                    let _ = reply.send(Err(e.into_error()));
+                }
+            },
+            Command::AddConsumer { id, queue, reply } => {
+                match self.add_consumer(&id, &queue, now) {
+                    Ok(()) => {
+                        self.consumers.insert(id.clone());
+                        done.push(Done::AddConsumer(reply, id));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into_error()));
+                    }
+                }
+            }
+            Command::RemoveConsumer { id } => {
+                match self.exec("DELETE FROM busway_consumers WHERE id = ?1", [&id]) {
+                    Ok(_) => {
+                        self.consumers.remove(&id);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "removing a consumer failed; will retry");
+                        self.retry.push(Command::RemoveConsumer { id });
+                    }
+                }
+            }
+            Command::Lease { queue, max, reply } => {
+                match self.in_savepoint(|w| w.lease(&queue, max, now)) {
+                    Ok(batch) => done.push(Done::Lease(reply, batch, queue)),
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into_error()));
+                    }
+                }
+            }
+            Command::Settle {
+                lease,
+                queue,
+                settlement,
+                reply,
+            } => {
+                let result = self
+                    .settle(lease, &queue, settlement, now)
+                    .map_err(Fail::into_error);
+                done.push(Done::Settle(reply, result, lease, queue));
+            }
+            Command::Release {
+                lease,
+                queue,
+                undelivered,
+            } => {
+                if let Err(e) = self.release(lease, &queue, undelivered) {
+                    tracing::warn!(error = %e, "releasing a delivery failed; will retry");
+                    self.retry.push(Command::Release {
+                        lease,
+                        queue,
+                        undelivered,
+                    });
+                }
+            }
+            Command::Close { undelivered, reply } => {
+                if let Err(e) = self.close(&undelivered) {
+                    tracing::warn!(error = %e, "releasing leases at close failed; they expire after the lease time");
+                }
+                done.push(Done::Close(reply));
+            }
+            #[cfg(test)]
+            Command::Crash => {}
+        }
+    }
+
+    /// Runs `f` in a savepoint, rolled back if SQLite fails.
+    fn in_savepoint<T, E>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, Fail<E>>,
+    ) -> Result<T, Fail<E>> {
+        self.exec("SAVEPOINT busway_command", [])?;
+        let result = f(self);
+        if let Err(Fail::Sql(_)) = &result {
+            if !self.conn.is_autocommit() {
+                let _ = self.exec("ROLLBACK TO busway_command", []);
+                let _ = self.exec("RELEASE busway_command", []);
+            }
+            self.invalidate_caches();
+            return result;
+        }
+        self.exec("RELEASE busway_command", [])?;
+        result
+    }
+
+    // ---- topology ----------------------------------------------------------
+
+    /// The spec of `queue`, if declared.
+    fn spec(&mut self, queue: &QueueName) -> rusqlite::Result<Option<QueueSpec>> {
+        if let Some(spec) = self.specs.get(queue) {
+            return Ok(Some(spec.clone()));
+        }
+        let json: Option<String> = self
+            .conn
+            .prepare_cached("SELECT spec FROM busway_queues WHERE name = ?1")?
+            .query_row([queue.as_str()], |r| r.get(0))
+            .optional()?;
+        let Some(json) = json else {
+            return Ok(None);
+        };
+        let spec: QueueSpec = serde_json::from_str(&json).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+        })?;
+        self.specs.insert(queue.clone(), spec.clone());
+        Ok(Some(spec))
+    }
+
+    fn insert_spec(&mut self, spec: &QueueSpec) -> rusqlite::Result<()> {
+        let json = serde_json::to_string(spec)
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        self.exec(
+            "INSERT INTO busway_queues (name, spec) VALUES (?1, ?2)",
+            params![spec.name.as_str(), json],
+        )?;
+        self.specs.insert(spec.name.clone(), spec.clone());
+        Ok(())
+    }
+
+    fn declare(&mut self, spec: &QueueSpec) -> Result<(), Fail<DeclareError>> {
+        spec.validate()?;
+        match self.spec(&spec.name)? {
+            Some(existing) => existing.check_redeclare(spec)?,
+            None => self.insert_spec(spec)?,
+        }
+        if let Some(dead_letter) = spec.dead_letter_spec() {
+            // An existing dead-letter queue is accepted whatever its spec.
+            if self.spec(&dead_letter.name)?.is_none() {
+                self.insert_spec(&dead_letter)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn bind(&mut self, binding: &Binding) -> Result<(), Fail<DeclareError>> {
+        if self.spec(&binding.queue)?.is_none() {
+            return Err(DeclareError::QueueNotFound(binding.queue.clone()).into());
+        }
+        let added = self.exec(
+            "INSERT OR IGNORE INTO busway_bindings (queue, pattern) VALUES (?1, ?2)",
+            params![binding.queue.as_str(), binding.pattern.as_str()],
+        )?;
+        if added > 0 {
+            if let Some(bindings) = &mut self.bindings {
+                bindings.push(binding.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// The queues a message published to `topic` goes to, each once.
+    fn route(&mut self, topic: &Topic) -> rusqlite::Result<Vec<QueueName>> {
+        if self.bindings.is_none() {
+            let mut stmt = self
+                .conn
+                .prepare_cached("SELECT queue, pattern FROM busway_bindings")?;
+            let rows =
+                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            let mut bindings = Vec::new();
+            for row in rows {
+                let (queue, pattern) = row?;
+                match (QueueName::new(&queue), TopicPattern::new(&pattern)) {
+                    (Ok(q), Ok(p)) => bindings.push(Binding::new(q, p)),
+                    _ => tracing::warn!(queue, pattern, "ignoring an unreadable binding"),
+                }
+            }
+            self.bindings = Some(bindings);
+        }
+        let mut queues: Vec<QueueName> = Vec::new();
+        for binding in self.bindings.iter().flatten() {
+            if binding.pattern.matches(topic) && !queues.contains(&binding.queue) {
+                queues.push(binding.queue.clone());
+            }
+        }
+        Ok(queues)
+    }
+
+    // ---- publishing --------------------------------------------------------
+
+    /// Messages stored in `queue`, counted once per batch (for `max_length`).
+    fn length(&mut self, queue: &QueueName) -> rusqlite::Result<u64> {
+        if let Some(n) = self.lengths.get(queue) {
+            return Ok(*n);
+        }
+        let n: i64 = self
+            .conn
+            .prepare_cached("SELECT count(*) FROM busway_messages WHERE queue = ?1")?
+            .query_row([queue.as_str()], |r| r.get(0))?;
+        let n = u64::try_from(n).unwrap_or(0);
+        self.lengths.insert(queue.clone(), n);
+        Ok(n)
+    }
+
+    fn publish(&mut self, batch: &[Publish], now: i64) -> Result<(), Fail<PublishError>> {
+        for publish in batch {
+            publish.check_payload(self.max_payload_bytes)?;
+        }
+        // Route everything and check every limit before writing anything.
+        let mut targets: Vec<(usize, QueueSpec)> = Vec::with_capacity(batch.len());
+        for (i, publish) in batch.iter().enumerate() {
+            match &publish.destination {
+                Destination::Queue(queue) => {
+                    let spec = self
+                        .spec(queue)?
+                        .ok_or_else(|| PublishError::QueueNotFound(queue.clone()))?;
+                    targets.push((i, spec));
+                }
+                Destination::Topic(topic) => {
+                    for queue in self.route(topic)? {
+                        // A binding whose queue is gone routes nowhere.
+                        if let Some(spec) = self.spec(&queue)? {
+                            targets.push((i, spec));
+                        }
+                    }
+                }
+            }
+        }
+        // (queue, max_length, messages this batch adds)
+        let mut adding: Vec<(QueueName, u64, u64)> = Vec::new();
+        for (_, spec) in &targets {
+            if let Some(max_length) = spec.max_length {
+                match adding.iter_mut().find(|(q, _, _)| q == &spec.name) {
+                    Some(entry) => entry.2 += 1,
+                    None => adding.push((spec.name.clone(), max_length, 1)),
+                }
+            }
+        }
+        for (queue, max_length, adds) in adding {
+            if self.length(&queue)?.saturating_add(adds) > max_length {
+                return Err(PublishError::QueueFull { queue, max_length }.into());
+            }
+        }
+        let insert_all = |w: &mut Self| -> Result<(), Fail<PublishError>> {
+            for (i, spec) in &targets {
+                let publish = &batch[*i];
+                w.insert_published(publish, spec, now)?;
+            }
+            Ok(())
+        };
+        if targets.len() > 1 {
+            self.in_savepoint(insert_all)?;
+        } else {
+            insert_all(self)?;
+        }
+        for (_, spec) in &targets {
+            if let Some(n) = self.lengths.get_mut(&spec.name) {
+                *n += 1;
+            }
+            self.touched.insert(spec.name.clone());
+        }
+        Ok(())
+    }
+
+    fn insert_published(
+        &self,
+        publish: &Publish,
+        spec: &QueueSpec,
+        now: i64,
+    ) -> rusqlite::Result<()> {
+        let m = &publish.message;
+        let visible_at = now.saturating_add(publish.delay.map_or(0, millis));
+        let ttl_expiry = spec.message_ttl.map(|ttl| now.saturating_add(millis(ttl)));
+        let expires_at = match (m.expires_at.map(unix_millis), ttl_expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let topic = match &publish.destination {
+            Destination::Topic(t) => Some(t.as_str()),
+            Destination::Queue(_) => None,
+        };
+        let headers = if m.headers.is_empty() {
+            None
+        } else {
+            Some(
+                serde_json::to_string(&m.headers)
+                    .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?,
+            )
+        };
+        let priority = i64::from(m.priority.get());
+        self.insert_row(&NewRow {
+            queue: &spec.name,
+            id: &m.id.hyphenated().to_string(),
+            kind: &m.kind,
+            correlation_id: m.correlation_id.as_deref(),
+            causation_id: m.causation_id.as_deref(),
+            reply_to: m.reply_to.as_deref(),
+            content_type: &m.content_type,
+            headers: headers.as_deref(),
+            timestamp: unix_millis(m.timestamp),
+            priority,
+            lane: lane(spec, priority),
+            expires_at,
+            topic,
+            payload: &m.payload,
+            visible_at,
+        })
+    }
+
+    fn insert_row(&self, row: &NewRow<'_>) -> rusqlite::Result<()> {
+        self.exec(
+            "INSERT INTO busway_messages (queue, id, kind, correlation_id, causation_id, reply_to, \
+             content_type, headers, timestamp, priority, lane, expires_at, topic, payload, \
+             enqueued_at, visible_at, attempt) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?15, 0)",
+            params![
+                row.queue.as_str(),
+                row.id,
+                row.kind,
+                row.correlation_id,
+                row.causation_id,
+                row.reply_to,
+                row.content_type,
+                row.headers,
+                row.timestamp,
+                row.priority,
+                row.lane,
+                row.expires_at,
+                row.topic,
+                row.payload,
+                row.visible_at,
+            ],
+        )?;
+        Ok(())
+    }
+
+    // ---- consuming ---------------------------------------------------------
+
+    fn add_consumer(
+        &mut self,
+        id: &str,
+        queue: &QueueName,
+        now: i64,
+    ) -> Result<(), Fail<ConsumeError>> {
+        if self.spec(queue)?.is_none() {
+            return Err(ConsumeError::QueueNotFound(queue.clone()).into());
+        }
+        // Forget consumers of crashed processes long gone.
+        self.exec(
+            "DELETE FROM busway_consumers WHERE heartbeat_at + 10 * ttl_ms < ?1",
+            [now],
+        )?;
+        self.exec(
+            "INSERT OR REPLACE INTO busway_consumers (id, queue, owner, heartbeat_at, ttl_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![id, queue.as_str(), self.owner, now, self.lease_ms],
+        )?;
+        Ok(())
+    }
+
+    /// Leases up to `max` ready rows of `queue`, dead-lettering the expired
+    /// ones and those out of attempts on the way.
+    fn lease(
+        &mut self,
+        queue: &QueueName,
+        max: usize,
+        now: i64,
+    ) -> Result<LeaseBatch, Fail<ConsumeError>> {
+        let spec = self
+            .spec(queue)?
+            .ok_or_else(|| ConsumeError::QueueNotFound(queue.clone()))?;
+        let token = self.next_token;
+        self.next_token += 1;
+        let deadline = now.saturating_add(self.lease_ms);
+        let lanes = lanes(&spec);
+        let mut rows = Vec::new();
+        for &lane in &lanes {
+            loop {
+                let want = max.saturating_sub(rows.len());
+                if want == 0 {
+                    break;
+                }
+                let candidates = self.select_ready(queue, lane, now, want)?;
+                let found = candidates.len();
+                for mut row in candidates {
+                    if row.expires_at.is_some_and(|at| at <= now) {
+                        let attempts = row.attempt;
+                        self.dead_letter_row(&row, queue, &spec, "expired", attempts, now)?;
+                        continue;
+                    }
+                    if let Some(max_attempts) = spec.max_attempts {
+                        if row.attempt >= i64::from(max_attempts) {
+                            let reason = format!("max attempts ({max_attempts}) exceeded");
+                            let attempts = row.attempt;
+                            self.dead_letter_row(&row, queue, &spec, &reason, attempts, now)?;
+                            continue;
+                        }
+                    }
+                    self.exec(
+                        "UPDATE busway_messages SET lease_owner = ?1, lease_token = ?2, \
+                         visible_at = ?3, attempt = attempt + 1 WHERE seq = ?4",
+                        params![self.owner, token, deadline, row.seq],
+                    )?;
+                    row.attempt += 1;
+                    rows.push(row);
+                }
+                if found < want {
+                    break;
+                }
+            }
+        }
+        if !rows.is_empty() {
+            self.leases_outstanding = true;
+        }
+        let next_visible_at = if rows.len() < max {
+            self.next_visible_at(queue, &lanes, now)?
+        } else {
+            None
+        };
+        Ok(LeaseBatch {
+            rows,
+            token,
+            next_visible_at,
+        })
+    }
+
+    fn select_ready(
+        &self,
+        queue: &QueueName,
+        lane: i64,
+        now: i64,
+        limit: usize,
+    ) -> rusqlite::Result<Vec<StoredRow>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {ROW_COLUMNS} FROM busway_messages \
+             WHERE queue = ?1 AND lane = ?2 AND visible_at <= ?3 \
+             ORDER BY visible_at, seq LIMIT ?4"
+        ))?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(
+            params![queue.as_str(), lane, now, limit],
+            StoredRow::from_row,
+        )?;
+        rows.collect()
+    }
+
+    fn next_visible_at(
+        &self,
+        queue: &QueueName,
+        lanes: &[i64],
+        now: i64,
+    ) -> rusqlite::Result<Option<i64>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT min(visible_at) FROM busway_messages \
+             WHERE queue = ?1 AND lane = ?2 AND visible_at > ?3",
+        )?;
+        let mut earliest: Option<i64> = None;
+        for &lane in lanes {
+            let at: Option<i64> =
+                stmt.query_row(params![queue.as_str(), lane, now], |r| r.get(0))?;
+            earliest = match (earliest, at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        Ok(earliest)
+    }
+
+    /// The row of a lease this transport holds, if it still holds it.
+    fn leased_row(&self, lease: LeaseId) -> rusqlite::Result<Option<StoredRow>> {
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT {ROW_COLUMNS} FROM busway_messages \
+                 WHERE seq = ?1 AND lease_owner = ?2 AND lease_token = ?3"
+            ))?
+            .query_row(
+                params![lease.seq, self.owner, lease.token],
+                StoredRow::from_row,
+            )
+            .optional()
+    }
+
+    /// Moves `row` from `from` to the queue's dead-letter queue (or drops it,
+    /// with a warning, if the queue has none).
+    fn dead_letter_row(
+        &mut self,
+        row: &StoredRow,
+        from: &QueueName,
+        spec: &QueueSpec,
+        reason: &str,
+        attempts: i64,
+        now: i64,
+    ) -> rusqlite::Result<()> {
+        self.exec("DELETE FROM busway_messages WHERE seq = ?1", [row.seq])?;
+        self.lengths.remove(from);
+        let Some(dead_letter) = &spec.dead_letter else {
+            tracing::warn!(
+                queue = %from,
+                id = %row.id,
+                reason,
+                "dropping a message: its queue has no dead-letter queue"
+            );
+            return Ok(());
+        };
+        let mut headers = row.parse_headers();
+        headers.insert(headers::DEAD_LETTER_REASON, reason);
+        if let Some(topic) = &row.topic {
+            headers.insert(headers::ORIGINAL_TOPIC, topic.as_str());
+        }
+        headers.insert(headers::ORIGINAL_QUEUE, from.as_str());
+        headers.insert(headers::ATTEMPTS, attempts.to_string());
+        headers.insert(headers::DEAD_LETTERED_AT, now.to_string());
+        let headers = serde_json::to_string(&headers)
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        let target = match self.spec(dead_letter)? {
+            Some(target) => target,
+            None => {
+                let target = QueueSpec::dead_letter_queue(dead_letter.clone());
+                self.insert_spec(&target)?;
+                target
+            }
+        };
+        self.insert_row(&NewRow {
+            queue: &target.name,
+            id: &row.id,
+            kind: &row.kind,
+            correlation_id: row.correlation_id.as_deref(),
+            causation_id: row.causation_id.as_deref(),
+            reply_to: row.reply_to.as_deref(),
+            content_type: &row.content_type,
+            headers: Some(&headers),
+            timestamp: row.timestamp,
+            priority: row.priority,
+            lane: lane(&target, row.priority),
+            expires_at: None,
+            topic: None,
+            payload: &row.payload,
+            visible_at: now,
+        })?;
+        self.lengths.remove(&target.name);
+        self.touched.insert(target.name);
+        Ok(())
+    }
+
+    fn settle(
+        &mut self,
+        lease: LeaseId,
+        queue: &QueueName,
+        settlement: Settlement,
+        now: i64,
+    ) -> Result<(), Fail<SettleError>> {
+        match settlement {
+            Settlement::Ack => {
+                let deleted = self.exec(
+                    "DELETE FROM busway_messages \
+                     WHERE seq = ?1 AND lease_owner = ?2 AND lease_token = ?3",
+                    params![lease.seq, self.owner, lease.token],
+                )?;
+                if deleted == 0 {
+                    return Err(SettleError::LeaseLost.into());
+                }
+                self.lengths.remove(queue);
+                Ok(())
+            }
+            Settlement::Nack { retry_after } => self.in_savepoint(|w| {
+                let row = w.leased_row(lease)?.ok_or(SettleError::LeaseLost)?;
+                let spec = w.spec(queue)?;
+                let limit = spec.as_ref().and_then(|s| s.max_attempts);
+                if let (Some(spec), Some(max_attempts)) = (&spec, limit) {
+                    if row.attempt >= i64::from(max_attempts) {
+                        let reason = format!("max attempts ({max_attempts}) exceeded");
+                        let attempts = row.attempt;
+                        w.dead_letter_row(&row, queue, spec, &reason, attempts, now)?;
+                        return Ok(());
+                    }
+                }
+                match retry_after {
+                    Some(delay) => w.exec(
+                        "UPDATE busway_messages SET lease_owner = NULL, lease_token = NULL, \
+                         visible_at = ?2 WHERE seq = ?1",
+                        params![lease.seq, now.saturating_add(millis(delay))],
+                    )?,
+                    None => w.exec(
+                        "UPDATE busway_messages SET lease_owner = NULL, lease_token = NULL, \
+                         visible_at = enqueued_at WHERE seq = ?1",
+                        [lease.seq],
+                    )?,
+                };
+                w.touched.insert(queue.clone());
+                Ok(())
+            }),
+            Settlement::DeadLetter { reason } => self.in_savepoint(|w| {
+                let row = w.leased_row(lease)?.ok_or(SettleError::LeaseLost)?;
+                match w.spec(queue)? {
+                    Some(spec) if spec.dead_letter.is_some() => {
+                        let attempts = row.attempt;
+                        w.dead_letter_row(&row, queue, &spec, &reason, attempts, now)?;
+                        Ok(())
+                    }
+                    _ => {
+                        w.release(lease, queue, false)?;
+                        Err(SettleError::NoDeadLetterQueue(queue.clone()).into())
+                    }
+                }
+            }),
+        }
+    }
+
+    fn release(
+        &mut self,
+        lease: LeaseId,
+        queue: &QueueName,
+        undelivered: bool,
+    ) -> rusqlite::Result<()> {
+        let released = self.exec(
+            "UPDATE busway_messages SET lease_owner = NULL, lease_token = NULL, \
+             visible_at = enqueued_at, attempt = max(attempt - ?4, 0) \
+             WHERE seq = ?1 AND lease_owner = ?2 AND lease_token = ?3",
+            params![lease.seq, self.owner, lease.token, i64::from(undelivered)],
+        )?;
+        if released > 0 {
+            self.touched.insert(queue.clone());
+        }
+        Ok(())
+    }
+
+    /// Extends every lease this transport holds and heartbeats its consumers.
+    fn renew(&mut self, now: i64) -> rusqlite::Result<()> {
+        let renewed = self.exec(
+            "UPDATE busway_messages SET visible_at = ?1 WHERE lease_owner = ?2",
+            params![now.saturating_add(self.lease_ms), self.owner],
+        )?;
+        if !self.consumers.is_empty() {
+            self.exec(
+                "UPDATE busway_consumers SET heartbeat_at = ?1 WHERE owner = ?2",
+                params![now, self.owner],
+            )?;
+        }
+        if renewed == 0 && self.consumers.is_empty() {
+            self.leases_outstanding = false;
+        }
+        Ok(())
+    }
+
+    fn close(&mut self, undelivered: &[LeaseId]) -> rusqlite::Result<()> {
+        for lease in undelivered {
+            self.exec(
+                "UPDATE busway_messages SET attempt = max(attempt - 1, 0) \
+                 WHERE seq = ?1 AND lease_owner = ?2 AND lease_token = ?3",
+                params![lease.seq, self.owner, lease.token],
+            )?;
+        }
+        self.exec(
+            "UPDATE busway_messages SET lease_owner = NULL, lease_token = NULL, \
+             visible_at = enqueued_at WHERE lease_owner = ?1",
+            [&self.owner],
+        )?;
+        self.exec(
+            "DELETE FROM busway_consumers WHERE owner = ?1",
+            [&self.owner],
+        )?;
+        self.consumers.clear();
+        self.leases_outstanding = false;
+        Ok(())
+    }
+}
+
+impl Command {
+    /// Answers a command whose transaction failed with `e`; internal
+    /// commands are kept to run again.
+    fn fail(self, e: &rusqlite::Error, retry: &mut Vec<Command>) {
+        match self {
+            Command::Declare { reply, .. } | Command::Bind { reply, .. } => {
+                let _ = reply.send(Err(sql_error(e)));
+            }
+            Command::Publish { reply, .. } => {
+                let _ = reply.send(Err(sql_error(e)));
+            }
+            Command::AddConsumer { reply, .. } => {
+                let _ = reply.send(Err(sql_error(e)));
+            }
+            Command::Lease { reply, .. } => {
+                let _ = reply.send(Err(sql_error(e)));
+            }
+            Command::Settle {
+                reply,
+                lease,
+                queue,
+                ..
+            } => {
+                retry.push(Command::Release {
+                    lease,
+                    queue,
+                    undelivered: false,
+                });
+                let _ = reply.send(Err(sql_error(e)));
+            }
+            internal @ (Command::Release { .. } | Command::RemoveConsumer { .. }) => {
+                retry.push(internal);
+            }
+            Command::Close { reply, .. } => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(());
+                }
+            }
+            #[cfg(test)]
+            Command::Crash => {}
+        }
+    }
+}
+
+/// A new row of `busway_messages`.
+struct NewRow<'a> {
+    queue: &'a QueueName,
+    id: &'a str,
+    kind: &'a str,
+    correlation_id: Option<&'a str>,
+    causation_id: Option<&'a str>,
+    reply_to: Option<&'a str>,
+    content_type: &'a str,
+    headers: Option<&'a str>,
+    timestamp: i64,
+    priority: i64,
+    lane: i64,
+    expires_at: Option<i64>,
+    topic: Option<&'a str>,
+    payload: &'a [u8],
+    visible_at: i64,
+}
+
+/// The priority a queue orders a message by: its priority capped at the
+/// queue's maximum, or 0 on queues without priorities.
+fn lane(spec: &QueueSpec, priority: i64) -> i64 {
+    match spec.max_priority {
+        Some(max) => priority.clamp(0, i64::from(max)),
+        None => 0,
+    }
+}
+
+/// The lanes of a queue, highest first.
+fn lanes(spec: &QueueSpec) -> Vec<i64> {
+    match spec.max_priority {
+        Some(max) => (0..=i64::from(max)).rev().collect(),
+        None => vec![0],
+    }
+}
+
+/// A copy of an SQLite error as a busway error (SQLite errors are not `Clone`).
+fn sql_error<E: FromSqlite>(e: &rusqlite::Error) -> E {
+    let copy = match e {
+        rusqlite::Error::SqliteFailure(code, message) => {
+            rusqlite::Error::SqliteFailure(*code, message.clone())
+        }
+        other => rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+            Some(other.to_string()),
+        ),
+    };
+    E::from_sqlite(copy)
+}
