@@ -1,0 +1,319 @@
+//! The RabbitMQ transport for busway, built on lapin, speaking the reference
+//! wire format so services written with the reference (pika) code and busway
+//! services share exchanges and queues.
+//!
+//! - **Topics** go to the durable topic exchange `event_bus`; a subscription
+//!   group is a durable queue bound with its patterns. Direct-to-queue
+//!   messages go through the default exchange.
+//! - **Queues** are declared with the reference arguments: `x-message-ttl`,
+//!   `x-dead-letter-exchange: dead_letter_exchange`,
+//!   `x-dead-letter-routing-key: dead_letter_{queue}`, and opt-in
+//!   `x-max-priority` and `x-max-length` (+ `x-overflow: reject-publish`).
+//!   The `dead_letter_exchange` (direct, durable) and a bound
+//!   `dead_letter_{queue}` queue are declared too, so dead letters are kept.
+//! - **Publishing** waits for publisher confirms, pipelined over a pool of
+//!   confirm-mode channels; a broker nack or an unroutable direct message is
+//!   an error.
+//! - **Metadata** (id, kind as AMQP `type`, correlation id, reply-to,
+//!   timestamp, priority, expiration, attempt, headers) rides in AMQP
+//!   properties and headers; bodies stay exactly what the application wrote.
+//! - **Emulated**: attempt counting (a nack republishes with the next attempt
+//!   and acks the original), `nack(retry_after)` and delayed publishing
+//!   through TTL + dead-letter delay queues (`busway.delay.{ms}.…`, expiring
+//!   when idle; no plugin needed), max attempts → dead-letter queue with
+//!   reason and origin headers. Messages the broker dead-letters itself (TTL
+//!   expiry, length limit) are described with the same headers when consumed.
+//! - **Recovery**: a lost connection is reopened on the next use, the
+//!   topology declared through this transport is declared again, and
+//!   consumers subscribe again.
+//!
+//! ```no_run
+//! use busway_core::{ConsumeOptions, Message, Publish, QueueName, QueueSpec, Transport};
+//! use busway_rabbitmq::RabbitMqTransport;
+//! use futures::StreamExt;
+//! use std::time::Duration;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let transport = RabbitMqTransport::connect("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
+//! // Exactly the reference `task_queue`.
+//! let queue = QueueName::new("task_queue")?;
+//! transport
+//!     .declare_queue(&QueueSpec::new(queue.clone()).with_message_ttl(Duration::from_secs(86_400)))
+//!     .await?;
+//! transport.publish(Publish::to_queue(queue.clone(), Message::new("send_email", "{}"))).await?;
+//! let mut deliveries = transport.consume(&queue, ConsumeOptions::with_prefetch(10)).await?;
+//! if let Some(delivery) = deliveries.next().await {
+//!     delivery?.ack().await?;
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+mod config;
+mod connection;
+mod consumer;
+mod publish;
+mod topology;
+mod wire;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use busway_core::{
+    Binding, Capabilities, ConnectError, ConsumeOptions, DeclareError, DeliveryStream, Durability,
+    Publish, PublishError, QueueName, QueueSpec, QueueStats, StatsError, Support, Transport,
+};
+use lapin::uri::AMQPUri;
+
+pub use config::RabbitMqConfig;
+
+use connection::{reply_code, reply_text, Fail, Inner, NOT_FOUND, PRECONDITION_FAILED};
+use topology::existing_from_reply;
+
+/// A [`Transport`] on RabbitMQ. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct RabbitMqTransport {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RabbitMqTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitMqTransport")
+            .field("location", &self.inner.location)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `url` with any password replaced by `***`.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            let masked = if userinfo.contains(':') { ":***" } else { "" };
+            format!("{scheme}://{user}{masked}@{host}{tail}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+impl RabbitMqTransport {
+    /// Connects with the default [`RabbitMqConfig`].
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), busway_core::ConnectError> {
+    /// let transport = busway_rabbitmq::RabbitMqTransport::connect("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn connect(url: &str) -> Result<Self, ConnectError> {
+        Self::connect_with(url, RabbitMqConfig::default()).await
+    }
+
+    /// Connects to the broker at `url` (`amqp://` or `amqps://`). Errors
+    /// name the host and the cause, never the password.
+    pub async fn connect_with(url: &str, config: RabbitMqConfig) -> Result<Self, ConnectError> {
+        let uri: AMQPUri = url
+            .parse()
+            .map_err(|reason: String| ConnectError::InvalidUrl {
+                url: redact(url),
+                reason,
+            })?;
+        let inner = Arc::new(Inner::new(uri, config));
+        inner
+            .connect_first()
+            .await
+            .map_err(|e| ConnectError::Backend {
+                backend: "rabbitmq",
+                location: inner.location.clone(),
+                retryable: e.is_io_error() || reply_code(&e).is_none(),
+                source: Box::new(e),
+            })?;
+        Ok(Self { inner })
+    }
+
+    /// How many connections this transport has opened (1 until the first
+    /// recovery); useful to observe reconnects.
+    pub fn connections_opened(&self) -> u64 {
+        self.inner.connections_opened.load(Ordering::SeqCst)
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &RabbitMqConfig {
+        &self.inner.config
+    }
+}
+
+fn declare_error(f: Fail) -> DeclareError {
+    match f {
+        Fail::Closed => DeclareError::Closed,
+        f => DeclareError::Backend {
+            retryable: f.retryable(),
+            source: f.into_source(),
+        },
+    }
+}
+
+#[async_trait]
+impl Transport for RabbitMqTransport {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            delay: Support::Emulated,
+            priority: Support::Native,
+            ttl: Support::Native,
+            dead_letter: Support::Emulated,
+            ordering: Support::Native,
+            persistence: Support::Native,
+            multi_process: Support::Native,
+            max_payload_bytes: self.inner.config.max_payload_bytes,
+        }
+    }
+
+    async fn declare_queue(&self, spec: &QueueSpec) -> Result<(), DeclareError> {
+        spec.validate()?;
+        if self.inner.is_closed() {
+            return Err(DeclareError::Closed);
+        }
+        if let Some(existing) = self.inner.registered(&spec.name) {
+            existing.check_redeclare(spec)?;
+        }
+        let live = self.inner.live().await.map_err(declare_error)?;
+        match self.inner.declare_spec_on(&live.connection, spec).await {
+            Ok(()) => {
+                self.inner.register(spec);
+                Ok(())
+            }
+            Err(e) if reply_code(&e) == Some(PRECONDITION_FAILED) => {
+                let text = reply_text(&e).unwrap_or_default();
+                match existing_from_reply(spec, &text) {
+                    Some(existing) => Err(DeclareError::Conflict {
+                        existing: Box::new(existing),
+                        requested: Box::new(spec.clone()),
+                    }),
+                    None => Err(DeclareError::Backend {
+                        source: format!(
+                            "queue `{}` exists with other arguments than requested ({spec}): {text}",
+                            spec.name
+                        )
+                        .into(),
+                        retryable: false,
+                    }),
+                }
+            }
+            Err(e) => Err(declare_error(e.into())),
+        }
+    }
+
+    async fn bind(&self, binding: &Binding) -> Result<(), DeclareError> {
+        if self.inner.is_closed() {
+            return Err(DeclareError::Closed);
+        }
+        let live = self.inner.live().await.map_err(declare_error)?;
+        match self.inner.bind_on(&live.connection, binding).await {
+            Ok(()) => {
+                self.inner.register_binding(binding);
+                Ok(())
+            }
+            Err(e) if reply_code(&e) == Some(NOT_FOUND) => {
+                Err(DeclareError::QueueNotFound(binding.queue.clone()))
+            }
+            Err(e) => Err(declare_error(e.into())),
+        }
+    }
+
+    async fn publish_batch(
+        &self,
+        batch: Vec<Publish>,
+        durability: Durability,
+    ) -> Result<(), PublishError> {
+        self.inner.publish_batch(batch, durability).await
+    }
+
+    async fn consume(
+        &self,
+        queue: &QueueName,
+        options: ConsumeOptions,
+    ) -> Result<DeliveryStream, busway_core::ConsumeError> {
+        consumer::start(self.inner.clone(), queue.clone(), options.prefetch).await
+    }
+
+    async fn queue_stats(&self, queue: &QueueName) -> Result<QueueStats, StatsError> {
+        let stats_error = |f: Fail| match f {
+            Fail::Closed => StatsError::Closed,
+            f => StatsError::Backend {
+                retryable: f.retryable(),
+                source: f.into_source(),
+            },
+        };
+        let live = self.inner.live().await.map_err(stats_error)?;
+        let conn = &live.connection;
+        let passive = |name: String| async move {
+            self.inner
+                .passive(conn, &name)
+                .await
+                .map_err(|e| stats_error(e.into()))
+        };
+        let Some((ready, consumers)) = passive(queue.as_str().to_owned()).await? else {
+            return Err(StatsError::QueueNotFound(queue.clone()));
+        };
+        let mut delayed = 0u64;
+        for name in self.inner.delay_queues_of(queue) {
+            match passive(name.clone()).await? {
+                Some((n, _)) => delayed += u64::from(n),
+                None => self.inner.forget_delay_queue(queue, &name),
+            }
+        }
+        let dead_lettered = match self.inner.spec_for(queue).dead_letter {
+            Some(dlq) => passive(dlq.as_str().to_owned())
+                .await?
+                .map_or(0, |(n, _)| u64::from(n)),
+            None => 0,
+        };
+        Ok(QueueStats {
+            ready: u64::from(ready),
+            delayed,
+            in_flight: self.inner.in_flight(queue).load(Ordering::SeqCst),
+            consumers: u64::from(consumers),
+            dead_lettered,
+        })
+    }
+
+    async fn close(&self) {
+        self.inner.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_is_send_and_sync() {
+        fn check<T: Send + Sync + 'static>() {}
+        check::<RabbitMqTransport>();
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact("amqp://guest:secret@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
+    }
+
+    #[tokio::test]
+    async fn unreachable_broker_names_host_not_password() {
+        let err = RabbitMqTransport::connect("amqp://user:hunter2@127.0.0.1:1/%2f")
+            .await
+            .err()
+            .map(|e| format!("{e} {:?}", std::error::Error::source(&e)));
+        let err = err.unwrap_or_default();
+        assert!(err.contains("127.0.0.1:1"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+}
