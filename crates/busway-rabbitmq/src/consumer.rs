@@ -25,19 +25,100 @@ use crate::publish::Outgoing;
 use crate::topology::{delay_tier, DelayQueue};
 use crate::wire::{self, encode, Envelope};
 
-/// Closes its channel when the consumer and all its deliveries are gone.
-pub(crate) struct ChannelGuard(pub(crate) Channel);
+/// A consumer's channel, shared by the consumer task and its deliveries.
+/// Settlements go through one ack task per channel, which coalesces acks
+/// that settle in delivery order into one `basic.ack multiple` and closes
+/// the channel when the consumer and all its deliveries are gone.
+pub(crate) struct ChannelGuard {
+    channel: Channel,
+    acks: mpsc::UnboundedSender<AckCmd>,
+}
 
-impl Drop for ChannelGuard {
-    fn drop(&mut self) {
-        if self.0.status().connected() {
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                let ch = self.0.clone();
-                rt.spawn(async move {
-                    let _ = ch.close(200, "consumer done".into()).await;
-                });
+impl ChannelGuard {
+    fn new(channel: Channel) -> Self {
+        let (acks, rx) = mpsc::unbounded_channel();
+        tokio::spawn(ack_task(channel.clone(), rx));
+        Self { channel, acks }
+    }
+
+    fn connected(&self) -> bool {
+        self.channel.status().connected()
+    }
+}
+
+/// What the ack task is told, in order.
+#[derive(Debug)]
+enum AckCmd {
+    /// The broker delivered this tag; it is unsettled.
+    Delivered(u64),
+    /// The handler settled this tag as done.
+    Ack(u64),
+    /// Return this tag to the queue.
+    Requeue(u64),
+}
+
+/// Owns the acks of one channel. Tags acked by handlers are sent as one
+/// `multiple` ack up to the highest tag below every still-unsettled tag, so
+/// a message the handler has not settled is never acknowledged.
+async fn ack_task(channel: Channel, mut rx: mpsc::UnboundedReceiver<AckCmd>) {
+    use std::collections::BTreeSet;
+    let mut outstanding: BTreeSet<u64> = BTreeSet::new();
+    let mut ready: BTreeSet<u64> = BTreeSet::new();
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 1024).await > 0 {
+        for cmd in batch.drain(..) {
+            match cmd {
+                AckCmd::Delivered(tag) => {
+                    outstanding.insert(tag);
+                }
+                AckCmd::Ack(tag) => {
+                    if outstanding.remove(&tag) {
+                        ready.insert(tag);
+                    }
+                }
+                AckCmd::Requeue(tag) => {
+                    if outstanding.remove(&tag) {
+                        // Acks below it go first, one at a time: a `multiple`
+                        // ack must not cover the tag being returned.
+                        for t in std::mem::take(&mut ready) {
+                            if t < tag {
+                                let _ = channel.basic_ack(t, BasicAckOptions::default()).await;
+                            } else {
+                                ready.insert(t);
+                            }
+                        }
+                        let _ = channel
+                            .basic_nack(
+                                tag,
+                                BasicNackOptions {
+                                    requeue: true,
+                                    multiple: false,
+                                },
+                            )
+                            .await;
+                    }
+                }
             }
         }
+        // Everything ready below the lowest unsettled tag goes in one frame.
+        let limit = outstanding.first().copied().unwrap_or(u64::MAX);
+        let upto = ready.range(..limit).next_back().copied();
+        if let Some(upto) = upto {
+            let rest = ready.split_off(&(upto + 1));
+            let single = ready.len() == 1;
+            ready = rest;
+            let _ = channel
+                .basic_ack(upto, BasicAckOptions { multiple: !single })
+                .await;
+        }
+    }
+    // The consumer and every delivery are gone: send what is left one by one
+    // (out-of-order acks), then close; the broker requeues anything unsettled.
+    for t in ready {
+        let _ = channel.basic_ack(t, BasicAckOptions::default()).await;
+    }
+    if channel.status().connected() {
+        let _ = channel.close(200, "consumer done".into()).await;
     }
 }
 
@@ -63,7 +144,7 @@ async fn subscribe(
     prefetch: u16,
 ) -> Result<Subscription, lapin::Error> {
     let ch = live.connection.create_channel().await?;
-    let guard = Arc::new(ChannelGuard(ch.clone()));
+    let guard = Arc::new(ChannelGuard::new(ch.clone()));
     ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
     let tag = short(&format!("busway-{}", uuid::Uuid::new_v4().simple()))?;
     let consumer = ch
@@ -129,7 +210,7 @@ async fn run(inner: Arc<Inner>, queue: QueueName, prefetch: u16, mut sub: Subscr
                 _ = tx.closed() => {
                     // The stream was dropped: stop receiving; deliveries still
                     // held keep the channel open until they are settled.
-                    let _ = sub.guard.0.basic_cancel(sub.tag.clone(), BasicCancelOptions::default()).await;
+                    stop(&mut sub).await;
                     return;
                 }
                 _ = wait_closed(&mut closed) => return,
@@ -139,11 +220,7 @@ async fn run(inner: Arc<Inner>, queue: QueueName, prefetch: u16, mut sub: Subscr
                 Some(Ok(d)) => {
                     if let Some(delivery) = admit(&inner, &queue, &sub.guard, d).await {
                         if tx.send(Ok(delivery)).await.is_err() {
-                            let _ = sub
-                                .guard
-                                .0
-                                .basic_cancel(sub.tag.clone(), BasicCancelOptions::default())
-                                .await;
+                            stop(&mut sub).await;
                             return;
                         }
                     }
@@ -187,6 +264,23 @@ async fn run(inner: Arc<Inner>, queue: QueueName, prefetch: u16, mut sub: Subscr
     }
 }
 
+/// Cancels the consumer and returns what the broker had already sent but
+/// the stream never yielded; deliveries still held stay valid.
+async fn stop(sub: &mut Subscription) {
+    let _ = sub
+        .guard
+        .channel
+        .basic_cancel(sub.tag.clone(), BasicCancelOptions::default())
+        .await;
+    let drain = async {
+        while let Some(Ok(d)) = sub.consumer.next().await {
+            let _ = sub.guard.acks.send(AckCmd::Delivered(d.delivery_tag));
+            let _ = sub.guard.acks.send(AckCmd::Requeue(d.delivery_tag));
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+}
+
 /// Turns a broker delivery into a busway one, or settles it here when it
 /// must not reach the handler (expired, or past its attempt limit).
 async fn admit(
@@ -208,10 +302,12 @@ async fn admit(
         .saturating_add(u32::from(d.redelivered));
     let counter = inner.in_flight(queue);
     counter.fetch_add(1, Ordering::SeqCst);
+    let tag = d.delivery_tag;
+    let _ = guard.acks.send(AckCmd::Delivered(tag));
     let acker = RabbitAcker {
         inner: inner.clone(),
-        _guard: guard.clone(),
-        lapin: d.acker,
+        guard: guard.clone(),
+        tag,
         queue: queue.clone(),
         topic: decoded.topic.clone(),
         message: decoded.message.clone(),
@@ -257,8 +353,8 @@ async fn admit(
 /// Settles one RabbitMQ delivery.
 struct RabbitAcker {
     inner: Arc<Inner>,
-    _guard: Arc<ChannelGuard>,
-    lapin: lapin::Acker,
+    guard: Arc<ChannelGuard>,
+    tag: u64,
     queue: QueueName,
     topic: Option<Topic>,
     message: Message,
@@ -287,25 +383,18 @@ impl RabbitAcker {
         if self.inner.is_closed() {
             return Err(SettleError::Closed);
         }
-        if !self._guard.0.status().connected() {
+        if !self.guard.connected() {
             return Err(SettleError::LeaseLost);
         }
-        match self.lapin.ack(BasicAckOptions::default()).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(SettleError::LeaseLost),
-            Err(e) => Err(settle_error(e.into())),
-        }
+        self.guard
+            .acks
+            .send(AckCmd::Ack(self.tag))
+            .map_err(|_| SettleError::LeaseLost)
     }
 
     /// Returns the message to the queue as it is (the broker marks it redelivered).
-    async fn requeue(&self) {
-        let _ = self
-            .lapin
-            .nack(BasicNackOptions {
-                requeue: true,
-                multiple: false,
-            })
-            .await;
+    fn requeue(&self) {
+        let _ = self.guard.acks.send(AckCmd::Requeue(self.tag));
     }
 
     async fn settle(self, settlement: Settlement) -> Result<(), SettleError> {
@@ -334,7 +423,7 @@ impl RabbitAcker {
         if self.inner.is_closed() {
             return Err(SettleError::Closed);
         }
-        if !self._guard.0.status().connected() {
+        if !self.guard.connected() {
             return Err(SettleError::LeaseLost);
         }
         Ok(())
@@ -379,7 +468,7 @@ impl RabbitAcker {
             queue: Some(self.queue.clone()),
         };
         if let Err(e) = self.inner.send(vec![outgoing], Durability::Durable).await {
-            self.requeue().await;
+            self.requeue();
             return Err(SettleError::Backend {
                 source: Box::new(e),
                 retryable: true,
@@ -394,7 +483,7 @@ impl RabbitAcker {
         self.preflight()?;
         let spec = self.inner.spec_for(&self.queue);
         let Some(dlq) = spec.dead_letter.clone() else {
-            self.requeue().await;
+            self.requeue();
             return Err(SettleError::NoDeadLetterQueue(self.queue.clone()));
         };
         let live = self.inner.live().await.map_err(settle_error)?;
@@ -444,7 +533,7 @@ impl RabbitAcker {
             queue: Some(dlq),
         };
         if let Err(e) = self.inner.send(vec![outgoing], Durability::Durable).await {
-            self.requeue().await;
+            self.requeue();
             return Err(SettleError::Backend {
                 source: Box::new(e),
                 retryable: true,
@@ -464,8 +553,6 @@ impl Acker for RabbitAcker {
 
     fn release(self: Box<Self>) {
         self.done();
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move { self.requeue().await });
-        }
+        self.requeue();
     }
 }
