@@ -15,6 +15,10 @@ use busway_core::{
 use busway_rabbitmq::{RabbitMqConfig, RabbitMqTransport};
 use futures::StreamExt;
 
+/// The tests here run one at a time: the recovery tests drop every
+/// connection on the broker, which would disturb the others.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn unique(prefix: &str) -> anyhow::Result<QueueName> {
     let id = uuid::Uuid::new_v4().simple().to_string();
     Ok(QueueName::new(format!("rmq_{prefix}_{}", &id[..12]))?)
@@ -34,6 +38,7 @@ fn text(d: &Delivery) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_order_acks_never_cover_an_unsettled_delivery() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
     let Some(url) = support::amqp_url()? else {
         return Ok(());
     };
@@ -70,6 +75,7 @@ async fn out_of_order_acks_never_cover_an_unsettled_delivery() -> anyhow::Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reference_queue_conflict_names_both_argument_sets() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
     let Some(url) = support::amqp_url()? else {
         return Ok(());
     };
@@ -118,6 +124,7 @@ fn rabbitmqctl(args: &[&str]) -> anyhow::Result<()> {
 /// Publishes `n` messages while `disrupt` runs, consuming throughout; every
 /// message must arrive (duplicates allowed: delivery is at least once).
 async fn survive(tag: &str, n: usize, disrupt: fn() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
     let Some(url) = support::amqp_url()? else {
         return Ok(());
     };
