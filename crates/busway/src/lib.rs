@@ -6,6 +6,7 @@
 //! |---|---|
 //! | `sqlite://PATH` (the default, [`DEFAULT_URL`]) | embedded, durable, zero setup |
 //! | `memory://` | in-process, fastest, not durable |
+//! | `amqp://`, `amqps://` | RabbitMQ (feature `rabbitmq`), reference wire format |
 //!
 //! ```
 //! use busway::{Message, Publish, QueueName, QueueSpec, ConsumeOptions};
@@ -33,6 +34,8 @@ use std::sync::Arc;
 pub use busway_core::*;
 #[cfg(feature = "memory")]
 pub use busway_memory as memory;
+#[cfg(feature = "rabbitmq")]
+pub use busway_rabbitmq as rabbitmq;
 #[cfg(feature = "sqlite")]
 pub use busway_sqlite as sqlite;
 
@@ -48,8 +51,14 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Transport>, ConnectError> {
         #[cfg(feature = "sqlite")]
         "sqlite" => {
             let (path, config) = busway_sqlite::SqliteConfig::from_url(url)?;
-            Ok(Arc::new(busway_sqlite::SqliteTransport::open_with(path, config)?))
+            Ok(Arc::new(busway_sqlite::SqliteTransport::open_with(
+                path, config,
+            )?))
         }
+        #[cfg(feature = "rabbitmq")]
+        "amqp" | "amqps" => Ok(Arc::new(
+            busway_rabbitmq::RabbitMqTransport::connect(url).await?,
+        )),
         _ => Err(ConnectError::InvalidUrl {
             url: redact_url(url),
             reason: format!(
@@ -68,6 +77,8 @@ pub fn supported_schemes() -> Vec<&'static str> {
     schemes.push("sqlite://");
     #[cfg(feature = "memory")]
     schemes.push("memory://");
+    #[cfg(feature = "rabbitmq")]
+    schemes.extend(["amqp://", "amqps://"]);
     schemes
 }
 
@@ -104,7 +115,10 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_scheme_is_a_clear_error() {
-        let err = connect("kafka://user:pw@host").await.err().map(|e| e.to_string());
+        let err = connect("kafka://user:pw@host")
+            .await
+            .err()
+            .map(|e| e.to_string());
         let err = err.unwrap_or_default();
         assert!(err.contains("kafka"), "{err}");
         assert!(!err.contains("pw"), "password leaked: {err}");
