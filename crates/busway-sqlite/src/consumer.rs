@@ -194,7 +194,7 @@ struct SqliteAcker {
     tx: Sender<Command>,
     lease: LeaseId,
     queue: QueueName,
-    /// The consumer's prefetch slot, freed once the settlement is recorded.
+    /// The consumer's prefetch slot, freed when the delivery is settled.
     permit: Option<OwnedSemaphorePermit>,
 }
 
@@ -213,17 +213,18 @@ impl Acker for SqliteAcker {
                 lease: this.lease,
                 queue: this.queue,
                 settlement,
-                reply,
+                reply: Some(reply),
             })
             .is_ok();
-        let permit = this.permit;
+        // The delivery is settled as far as prefetch goes: the writer applies
+        // commands in order, so this settlement precedes the consumer's next
+        // lease and the consumer never holds more than `prefetch` rows.
+        drop(this.permit);
         Box::pin(async move {
             if !sent {
                 return Err(SettleError::Closed);
             }
-            let result = rx.await.unwrap_or(Err(SettleError::Closed));
-            drop(permit);
-            result
+            rx.await.unwrap_or(Err(SettleError::Closed))
         })
     }
 
@@ -321,26 +322,23 @@ pub(crate) async fn feed(shared: Arc<Shared>, state: Arc<ConsumerState>, prefetc
         if state.is_done() || is_closed(&shutdown) {
             break;
         }
-        let first = tokio::select! {
+        // Wait for a free prefetch slot; the writer takes the free slots
+        // when the lease runs.
+        tokio::select! {
             biased;
             _ = closed(&mut shutdown) => break,
             _ = state.stop.notified() => continue,
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
+            free = slots.acquire() => match free {
+                Ok(free) => drop(free),
                 Err(_) => break,
             },
-        };
-        let mut permits = vec![first];
-        while let Ok(permit) = slots.clone().try_acquire_owned() {
-            permits.push(permit);
         }
         // Anything committed from here on wakes the wait below.
         version.mark_unchanged();
-        let requested = permits.len();
         let (reply, rx) = oneshot::channel();
         let lease = Command::Lease {
             queue: state.queue.clone(),
-            max: requested,
+            slots: slots.clone(),
             reply,
         };
         if shared.tx.send(lease).is_err() {
@@ -352,7 +350,6 @@ pub(crate) async fn feed(shared: Arc<Shared>, state: Arc<ConsumerState>, prefetc
             Ok(Err(e)) => {
                 tracing::warn!(queue = %state.queue, error = %e, "leasing messages failed");
                 state.push_error(e);
-                drop(permits);
                 tokio::select! {
                     _ = closed(&mut shutdown) => break,
                     _ = state.stop.notified() => {}
@@ -361,9 +358,12 @@ pub(crate) async fn feed(shared: Arc<Shared>, state: Arc<ConsumerState>, prefetc
                 continue;
             }
         };
-        let got = batch.rows.len();
+        let (requested, got) = (batch.requested, batch.rows.len());
+        if requested == 0 {
+            continue;
+        }
+        let mut permits = batch.permits;
         state.push_rows(batch.rows, batch.token, &mut permits, &shared.tx);
-        drop(permits);
         if got < requested {
             let sleep = batch.next_visible_at.map_or(MAX_SLEEP, |at| {
                 let ms = at.saturating_sub(unix_millis(SystemTime::now())).max(0);

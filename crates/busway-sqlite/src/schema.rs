@@ -25,7 +25,9 @@ use crate::config::SqliteConfig;
 /// it returns to its place. `lane` is the priority the queue orders by (0 on
 /// queues without `max_priority`), `priority` the message's own. The ready
 /// index `(queue, lane, visible_at)` makes a dequeue a range scan in
-/// delivery order, however many rows are leased or delayed.
+/// delivery order, however many rows are leased or delayed. `lease_owner`
+/// is a random 63-bit id of the transport holding the lease; each transport
+/// remembers the rows it leased, so no index on it is needed.
 const V1: &str = "
 CREATE TABLE busway_queues (
     name TEXT PRIMARY KEY NOT NULL,
@@ -57,17 +59,15 @@ CREATE TABLE busway_messages (
     enqueued_at    INTEGER NOT NULL,
     visible_at     INTEGER NOT NULL,
     attempt        INTEGER NOT NULL DEFAULT 0,
-    lease_owner    TEXT,
+    lease_owner    INTEGER,
     lease_token    INTEGER
 );
 CREATE INDEX busway_messages_ready ON busway_messages (queue, lane, visible_at);
-CREATE INDEX busway_messages_leased ON busway_messages (lease_owner, queue)
-    WHERE lease_owner IS NOT NULL;
 
 CREATE TABLE busway_consumers (
     id           TEXT PRIMARY KEY NOT NULL,
     queue        TEXT NOT NULL,
-    owner        TEXT NOT NULL,
+    owner        INTEGER NOT NULL,
     heartbeat_at INTEGER NOT NULL,
     ttl_ms       INTEGER NOT NULL
 ) WITHOUT ROWID;

@@ -186,7 +186,7 @@ fn read_stats(conn: &mut Connection, queue: &QueueName) -> Result<QueueStats, St
     )?;
     let in_flight = count(
         "SELECT count(*) FROM busway_messages \
-         WHERE lease_owner IS NOT NULL AND queue = ?1 AND visible_at > ?2",
+         WHERE queue = ?1 AND visible_at > ?2 AND lease_owner IS NOT NULL",
         &[&name, &now],
     )?;
     let consumers = count(
@@ -269,13 +269,17 @@ impl SqliteTransport {
             backend(Box::new(e), retryable)
         })?;
 
-        let owner = Uuid::now_v7().to_string();
+        // 62 random bits of a fresh UUIDv7: unique among the processes
+        // sharing the file.
+        let owner =
+            i64::try_from(Uuid::now_v7().as_u64_pair().1 & (u64::MAX >> 1)).unwrap_or_default();
         let wakers = Arc::new(Wakers::default());
         let (tx, rx) = std::sync::mpsc::channel();
         writer::spawn(
             conn,
             WriterSettings {
                 owner,
+                synchronous: config.synchronous,
                 lease: config.lease,
                 poll_interval: config.poll_interval,
                 max_batch: config.max_batch,
@@ -466,6 +470,11 @@ impl Transport for SqliteTransport {
         let shared = self.shared().clone();
         if shared.is_closed() {
             return Err(StatsError::Closed);
+        }
+        // Read our own writes: wait until everything sent so far is committed.
+        let (reply, flushed) = oneshot::channel();
+        if shared.tx.send(Command::Flush { reply }).is_ok() {
+            let _ = flushed.await;
         }
         let queue = queue.clone();
         tokio::task::spawn_blocking(move || shared.stats(&queue))

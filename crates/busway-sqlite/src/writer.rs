@@ -1,18 +1,31 @@
 //! The writer thread: it owns the write connection and runs every mutation.
 //!
 //! Commands arrive over a channel. The thread blocks for the first one,
-//! drains whatever else is queued (up to `max_batch`), runs them all in one
-//! `BEGIN IMMEDIATE` transaction and commits once, so one fsync covers the
-//! whole batch (group commit). Then it answers each command. A command that
-//! fails runs inside its own savepoint and is rolled back alone; the others
-//! commit.
+//! opens one `BEGIN IMMEDIATE` transaction and keeps executing whatever is
+//! queued, including commands that arrive meanwhile, up to `max_batch`; then
+//! it commits once, so one fsync covers the whole batch (group commit).
 //!
-//! Rule for the operations below: a refusal (`Fail::Op`) is decided before
-//! the operation writes anything, except the deliberate release that
-//! accompanies `SettleError::NoDeadLetterQueue`. So a savepoint is rolled
-//! back only when SQLite itself failed.
+//! Replies:
+//! - durable publishes, declarations and bindings are answered after the
+//!   commit: they are on disk when their caller hears back;
+//! - leases and settlements (ack, nack, dead-letter) are answered as soon as
+//!   they are applied inside the open transaction, so a consumer can go
+//!   through several lease → ack cycles within one batch instead of one per
+//!   fsync. They are durable once the batch commits, a few milliseconds
+//!   later; if the commit fails the writer runs the settlements again
+//!   itself, and if the process dies first the messages are delivered again
+//!   (at least once, never lost);
+//! - a batch holding nothing that waits for durability commits with
+//!   `synchronous = NORMAL` (no fsync); the next `FULL` commit or checkpoint
+//!   makes it durable with everything before it.
+//!
+//! A command that fails runs inside its own savepoint and is rolled back
+//! alone; the others commit. Rule for the operations below: a refusal
+//! (`Fail::Op`) is decided before the operation writes anything, except the
+//! deliberate release that accompanies `SettleError::NoDeadLetterQueue`. So a
+//! savepoint is rolled back only when SQLite itself failed.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -22,8 +35,9 @@ use busway_core::{
     PublishError, QueueName, QueueSpec, SettleError, Settlement, Topic, TopicPattern,
 };
 use rusqlite::{params, Connection, OptionalExtension, Params};
-use tokio::sync::{oneshot, OwnedSemaphorePermit};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
+use crate::config::Synchronous;
 use crate::error::{Fail, FromSqlite};
 use crate::row::{millis, StoredRow, ROW_COLUMNS};
 use crate::wake::Wakers;
@@ -40,6 +54,10 @@ pub(crate) struct LeaseId {
 pub(crate) struct LeaseBatch {
     /// The rows, in delivery order, with `attempt` already counting this delivery.
     pub(crate) rows: Vec<StoredRow>,
+    /// One prefetch permit per row.
+    pub(crate) permits: Vec<OwnedSemaphorePermit>,
+    /// How many rows were asked for (free permits when the lease ran).
+    pub(crate) requested: usize,
     /// The lease token of every row of the batch.
     pub(crate) token: i64,
     /// When fewer rows than asked were ready: the earliest future moment a
@@ -75,16 +93,21 @@ pub(crate) enum Command {
     RemoveConsumer {
         id: String,
     },
+    /// Leases as many rows as `slots` has free permits when it runs: by
+    /// then more of the consumer's deliveries may have been settled than
+    /// when it asked.
     Lease {
         queue: QueueName,
-        max: usize,
+        slots: Arc<Semaphore>,
         reply: Reply<LeaseBatch, ConsumeError>,
     },
+    /// Settles a delivery. Without a reply: the writer retrying a settlement
+    /// whose transaction failed after it was answered.
     Settle {
         lease: LeaseId,
         queue: QueueName,
         settlement: Settlement,
-        reply: Reply<(), SettleError>,
+        reply: Option<Reply<(), SettleError>>,
     },
     /// Returns a delivery to its queue. `undelivered`: it never reached the
     /// application, so the lease does not count as an attempt.
@@ -92,6 +115,10 @@ pub(crate) enum Command {
         lease: LeaseId,
         queue: QueueName,
         undelivered: bool,
+    },
+    /// Answered once everything sent before it is committed.
+    Flush {
+        reply: oneshot::Sender<()>,
     },
     /// Releases every lease of this transport, removes its consumers, and
     /// stops the thread. `undelivered` leases do not count as attempts.
@@ -114,6 +141,15 @@ impl Command {
         }
     }
 
+    /// Whether the caller waits for this command to be on disk.
+    fn needs_sync(&self) -> bool {
+        match self {
+            Command::Publish { durability, .. } => *durability == Durability::Durable,
+            Command::Declare { .. } | Command::Bind { .. } | Command::Close { .. } => true,
+            _ => false,
+        }
+    }
+
     /// Answers the command with "closed" without running it.
     fn refuse_closed(self) {
         match self {
@@ -130,7 +166,12 @@ impl Command {
                 let _ = reply.send(Err(ConsumeError::Closed));
             }
             Command::Settle { reply, .. } => {
-                let _ = reply.send(Err(SettleError::Closed));
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(SettleError::Closed));
+                }
+            }
+            Command::Flush { reply } => {
+                let _ = reply.send(());
             }
             Command::Close { reply, .. } => {
                 if let Some(reply) = reply {
@@ -142,11 +183,61 @@ impl Command {
             Command::Crash => {}
         }
     }
+
+    /// Answers a command whose transaction failed with `e`; internal
+    /// commands are kept to run again.
+    fn fail(self, e: &rusqlite::Error, retry: &mut Vec<Command>) {
+        match self {
+            Command::Declare { reply, .. } | Command::Bind { reply, .. } => {
+                let _ = reply.send(Err(sql_error(e)));
+            }
+            Command::Publish { reply, .. } => {
+                let _ = reply.send(Err(sql_error(e)));
+            }
+            Command::AddConsumer { reply, .. } => {
+                let _ = reply.send(Err(sql_error(e)));
+            }
+            Command::Lease { reply, .. } => {
+                let _ = reply.send(Err(sql_error(e)));
+            }
+            Command::Settle {
+                reply: Some(reply),
+                lease,
+                queue,
+                ..
+            } => {
+                // The application hears of the failure and lets go of the
+                // delivery: return it, or renewal would keep it forever.
+                retry.push(Command::Release {
+                    lease,
+                    queue,
+                    undelivered: false,
+                });
+                let _ = reply.send(Err(sql_error(e)));
+            }
+            internal @ (Command::Settle { reply: None, .. }
+            | Command::Release { .. }
+            | Command::RemoveConsumer { .. }) => {
+                retry.push(internal);
+            }
+            Command::Flush { reply } => {
+                let _ = reply.send(());
+            }
+            Command::Close { reply, .. } => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(());
+                }
+            }
+            #[cfg(test)]
+            Command::Crash => {}
+        }
+    }
 }
 
 /// What the writer needs to know.
 pub(crate) struct WriterSettings {
-    pub(crate) owner: String,
+    pub(crate) owner: i64,
+    pub(crate) synchronous: Synchronous,
     pub(crate) lease: Duration,
     pub(crate) poll_interval: Duration,
     pub(crate) max_batch: usize,
@@ -163,6 +254,8 @@ pub(crate) fn spawn(
     let writer = Writer {
         conn,
         owner: settings.owner,
+        full_sync: settings.synchronous == Synchronous::Full,
+        sync_mode: None,
         lease_ms: millis(settings.lease),
         renew_every: settings.lease / 3,
         poll_interval: settings.poll_interval,
@@ -177,7 +270,7 @@ pub(crate) fn spawn(
         last_now: 0,
         next_token: 1,
         consumers: HashSet::new(),
-        leases_outstanding: false,
+        held: HashMap::new(),
         retry: Vec::new(),
     };
     std::thread::Builder::new()
@@ -185,19 +278,16 @@ pub(crate) fn spawn(
         .spawn(move || writer.run(rx))
 }
 
-/// A reply to send once the batch's commit is known.
+/// Something to do once the batch's commit is known.
 enum Done {
+    /// Answer after the commit.
     Publish(Reply<(), PublishError>),
     Declare(Reply<(), DeclareError>),
     AddConsumer(Reply<(), ConsumeError>, String),
-    Lease(Reply<LeaseBatch, ConsumeError>, LeaseBatch, QueueName),
-    Settle(
-        Reply<(), SettleError>,
-        Result<(), SettleError>,
-        LeaseId,
-        QueueName,
-    ),
+    Flush(oneshot::Sender<()>),
     Close(Option<oneshot::Sender<()>>),
+    /// A settlement already answered: run it again if the commit fails.
+    Settled(LeaseId, QueueName, Settlement),
 }
 
 /// How long to wait before retrying internal commands after a failure.
@@ -206,7 +296,11 @@ const RETRY_PAUSE: Duration = Duration::from_millis(100);
 struct Writer {
     conn: Connection,
     /// This transport's id, written into `lease_owner`.
-    owner: String,
+    owner: i64,
+    /// Configured `synchronous = FULL`.
+    full_sync: bool,
+    /// The `synchronous` level set on the connection: `Some(true)` = FULL.
+    sync_mode: Option<bool>,
     lease_ms: i64,
     renew_every: Duration,
     poll_interval: Duration,
@@ -229,10 +323,12 @@ struct Writer {
     /// Consumers of this transport; while there are any, the thread polls
     /// for other processes' commits and heartbeats.
     consumers: HashSet<String>,
-    /// This transport may hold leases that need renewing.
-    leases_outstanding: bool,
-    /// Internal commands (releases, consumer removals) to run again after
-    /// their transaction failed: they must not be lost.
+    /// The leases this transport holds (row → token): renewed every
+    /// `lease / 3`, released at close.
+    held: HashMap<i64, i64>,
+    /// Internal commands (releases, settlements already answered, consumer
+    /// removals) to run again after their transaction failed: they must not
+    /// be lost.
     retry: Vec<Command>,
 }
 
@@ -240,11 +336,16 @@ impl Writer {
     fn run(mut self, rx: Receiver<Command>) {
         let mut last_poll = Instant::now();
         let mut last_renew = Instant::now();
+        // A command that needs a durable commit, held back from a batch
+        // committing without fsync.
+        let mut carry: Option<Command> = None;
         loop {
-            let mut batch = std::mem::take(&mut self.retry);
+            let mut batch: VecDeque<Command> = std::mem::take(&mut self.retry).into();
             if !batch.is_empty() {
                 std::thread::sleep(RETRY_PAUSE);
-            } else {
+            }
+            batch.extend(carry.take());
+            if batch.is_empty() {
                 let deadline = self.next_deadline(last_poll, last_renew);
                 let first = match deadline {
                     None => match rx.recv() {
@@ -260,18 +361,11 @@ impl Writer {
                 };
                 batch.extend(first);
             }
-            if !batch.iter().any(Command::is_close) {
-                while batch.len() < self.max_batch {
-                    match rx.try_recv() {
-                        Ok(c) => {
-                            let close = c.is_close();
-                            batch.push(c);
-                            if close {
-                                break;
-                            }
-                        }
-                        Err(_) => break,
-                    }
+            // Take what is queued now, to choose the batch's sync level.
+            while batch.len() < self.max_batch && !batch.iter().any(Command::is_close) {
+                match rx.try_recv() {
+                    Ok(c) => batch.push_back(c),
+                    Err(_) => break,
                 }
             }
             let renew_due = self.renew_active() && last_renew.elapsed() >= self.renew_every;
@@ -286,9 +380,11 @@ impl Writer {
                 last_renew = Instant::now();
             }
             last_poll = Instant::now();
-            if self.run_batch(batch, renew_due) {
+            let (stop, held_back) = self.run_batch(batch, renew_due, &rx);
+            if stop {
                 return;
             }
+            carry = held_back;
         }
     }
 
@@ -297,7 +393,7 @@ impl Writer {
     }
 
     fn renew_active(&self) -> bool {
-        !self.consumers.is_empty() || self.leases_outstanding
+        !self.consumers.is_empty() || !self.held.is_empty()
     }
 
     /// When the thread must wake up on its own, if ever.
@@ -318,6 +414,16 @@ impl Writer {
 
     fn exec<P: Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize> {
         self.conn.prepare_cached(sql)?.execute(params)
+    }
+
+    /// Sets `synchronous` for the next transaction (only between transactions).
+    fn set_sync(&mut self, full: bool) -> rusqlite::Result<()> {
+        if self.sync_mode != Some(full) {
+            let level = if full { "FULL" } else { "NORMAL" };
+            self.conn.pragma_update(None, "synchronous", level)?;
+            self.sync_mode = Some(full);
+        }
+        Ok(())
     }
 
     /// Checks whether another connection committed since the last look; if
@@ -349,14 +455,29 @@ impl Writer {
         self.lengths.clear();
     }
 
-    /// Runs one batch in one transaction. Returns whether the thread stops.
-    fn run_batch(&mut self, batch: Vec<Command>, renew: bool) -> bool {
-        let now = self.now();
+    /// Runs one batch in one transaction: `batch`, then whatever arrives
+    /// while it runs, up to `max_batch` commands. Returns whether the thread
+    /// stops, and a command held back for the next batch.
+    fn run_batch(
+        &mut self,
+        mut batch: VecDeque<Command>,
+        renew: bool,
+        rx: &Receiver<Command>,
+    ) -> (bool, Option<Command>) {
         self.lengths.clear();
         self.touched.clear();
-        if let Err(e) = self.exec("BEGIN IMMEDIATE", []) {
+        let durable = self.full_sync && batch.iter().any(Command::needs_sync);
+        let begun = self
+            .set_sync(durable)
+            .and_then(|()| self.exec("BEGIN IMMEDIATE", []));
+        if let Err(e) = begun {
             tracing::warn!(error = %e, "could not start a write transaction");
-            return self.fail_all(batch, &e);
+            let mut stop = false;
+            for command in batch {
+                stop |= command.is_close();
+                command.fail(&e, &mut self.retry);
+            }
+            return (stop, None);
         }
         if let Err(e) = self.check_data_version() {
             tracing::debug!(error = %e, "reading data_version failed");
@@ -364,15 +485,30 @@ impl Writer {
         }
         let mut done = Vec::with_capacity(batch.len());
         let mut stop = false;
+        let mut held_back = None;
         let mut lost: Option<rusqlite::Error> = None;
-        let mut commands = batch.into_iter();
-        for command in commands.by_ref() {
+        let mut executed = 0;
+        loop {
+            let command = match batch.pop_front() {
+                Some(command) => command,
+                None if stop || executed >= self.max_batch => break,
+                None => match rx.try_recv() {
+                    Ok(command) => command,
+                    Err(_) => break,
+                },
+            };
             if stop {
                 command.refuse_closed();
                 continue;
             }
+            if !durable && self.full_sync && command.needs_sync() {
+                held_back = Some(command);
+                break;
+            }
             stop |= command.is_close();
+            let now = self.now();
             self.execute(command, now, &mut done);
+            executed += 1;
             if self.conn.is_autocommit() {
                 // SQLite rolled the whole transaction back (I/O error, disk
                 // full, ...): nothing of this batch is stored.
@@ -384,6 +520,7 @@ impl Writer {
             }
         }
         if renew && lost.is_none() {
+            let now = self.now();
             if let Err(e) = self.renew(now) {
                 tracing::warn!(error = %e, "renewing leases failed");
             }
@@ -398,7 +535,7 @@ impl Writer {
                 let _ = self.exec("ROLLBACK", []);
             }
             self.invalidate_caches();
-            for command in commands {
+            for command in batch.into_iter().chain(held_back.take()) {
                 stop |= command.is_close();
                 command.fail(e, &mut self.retry);
             }
@@ -412,21 +549,10 @@ impl Writer {
                 self.wakers.bump(&queue);
             }
         }
-        stop
+        (stop, held_back)
     }
 
-    /// Answers every command of a batch that could not run. Returns whether
-    /// the thread stops.
-    fn fail_all(&mut self, batch: Vec<Command>, e: &rusqlite::Error) -> bool {
-        let mut stop = false;
-        for command in batch {
-            stop |= command.is_close();
-            command.fail(e, &mut self.retry);
-        }
-        stop
-    }
-
-    /// Sends a reply whose fate depended on the commit.
+    /// Completes what waited for the commit.
     fn finish(&mut self, done: Done, error: Option<&rusqlite::Error>) {
         match done {
             Done::Publish(reply) => {
@@ -441,45 +567,23 @@ impl Writer {
                 }
                 let _ = reply.send(error.map_or(Ok(()), |e| Err(sql_error(e))));
             }
-            Done::Lease(reply, batch, queue) => match error {
-                Some(e) => {
-                    let _ = reply.send(Err(sql_error(e)));
-                }
-                None => {
-                    if let Err(Ok(batch)) = reply.send(Ok(batch)) {
-                        // The consumer is gone: give the rows back.
-                        for row in batch.rows {
-                            self.retry.push(Command::Release {
-                                lease: LeaseId {
-                                    seq: row.seq,
-                                    token: batch.token,
-                                },
-                                queue: queue.clone(),
-                                undelivered: true,
-                            });
-                        }
-                    }
-                }
-            },
-            Done::Settle(reply, result, lease, queue) => {
-                let result = match error {
-                    Some(e) => Err(sql_error(e)),
-                    None => result,
-                };
-                if matches!(result, Err(SettleError::Backend { .. })) {
-                    // Not settled, but the application has let go of the
-                    // delivery: return it, or renewal would keep it forever.
-                    self.retry.push(Command::Release {
-                        lease,
-                        queue,
-                        undelivered: false,
-                    });
-                }
-                let _ = reply.send(result);
+            Done::Flush(reply) => {
+                let _ = reply.send(());
             }
             Done::Close(reply) => {
                 if let Some(reply) = reply {
                     let _ = reply.send(());
+                }
+            }
+            Done::Settled(lease, queue, settlement) => {
+                if error.is_some() {
+                    // Answered already: it must happen.
+                    self.retry.push(Command::Settle {
+                        lease,
+                        queue,
+                        settlement,
+                        reply: None,
+                    });
                 }
             }
         }
@@ -536,9 +640,50 @@ impl Writer {
                     }
                 }
             }
-            Command::Lease { queue, max, reply } => {
-                match self.in_savepoint(|w| w.lease(&queue, max, now)) {
-                    Ok(batch) => done.push(Done::Lease(reply, batch, queue)),
+            Command::Lease {
+                queue,
+                slots,
+                reply,
+            } => {
+                let mut permits = Vec::new();
+                while let Ok(permit) = slots.clone().try_acquire_owned() {
+                    permits.push(permit);
+                }
+                let max = permits.len();
+                let leased = if max == 0 {
+                    Ok(LeaseBatch {
+                        rows: Vec::new(),
+                        permits: Vec::new(),
+                        requested: 0,
+                        token: 0,
+                        next_visible_at: None,
+                    })
+                } else {
+                    self.in_savepoint(|w| w.lease(&queue, max, now))
+                };
+                match leased {
+                    Ok(mut batch) => {
+                        permits.truncate(batch.rows.len());
+                        batch.permits = permits;
+                        batch.requested = max;
+                        if let Err(Ok(batch)) = reply.send(Ok(batch)) {
+                            // The consumer is gone: give the rows back.
+                            for row in batch.rows {
+                                let lease = LeaseId {
+                                    seq: row.seq,
+                                    token: batch.token,
+                                };
+                                if let Err(e) = self.release(lease, &queue, true) {
+                                    tracing::warn!(error = %e, "releasing an unwanted lease failed; will retry");
+                                    self.retry.push(Command::Release {
+                                        lease,
+                                        queue: queue.clone(),
+                                        undelivered: true,
+                                    });
+                                }
+                            }
+                        }
+                    }
                     Err(e) => {
                         let _ = reply.send(Err(e.into_error()));
                     }
@@ -551,9 +696,35 @@ impl Writer {
                 reply,
             } => {
                 let result = self
-                    .settle(lease, &queue, settlement, now)
+                    .settle(lease, &queue, settlement.clone(), now)
                     .map_err(Fail::into_error);
-                done.push(Done::Settle(reply, result, lease, queue));
+                match &result {
+                    Ok(()) | Err(SettleError::NoDeadLetterQueue(_)) => {
+                        done.push(Done::Settled(lease, queue, settlement));
+                    }
+                    Err(SettleError::LeaseLost) => {}
+                    Err(_) if reply.is_none() => {
+                        // A settlement answered earlier: it must happen.
+                        self.retry.push(Command::Settle {
+                            lease,
+                            queue,
+                            settlement,
+                            reply: None,
+                        });
+                    }
+                    Err(_) => {
+                        // Not settled, and the application lets go of the
+                        // delivery: return it, or renewal would keep it.
+                        self.retry.push(Command::Release {
+                            lease,
+                            queue,
+                            undelivered: false,
+                        });
+                    }
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
             }
             Command::Release {
                 lease,
@@ -569,6 +740,7 @@ impl Writer {
                     });
                 }
             }
+            Command::Flush { reply } => done.push(Done::Flush(reply)),
             Command::Close { undelivered, reply } => {
                 if let Err(e) = self.close(&undelivered) {
                     tracing::warn!(error = %e, "releasing leases at close failed; they expire after the lease time");
@@ -906,15 +1078,13 @@ impl Writer {
                         params![self.owner, token, deadline, row.seq],
                     )?;
                     row.attempt += 1;
+                    self.held.insert(row.seq, token);
                     rows.push(row);
                 }
                 if found < want {
                     break;
                 }
             }
-        }
-        if !rows.is_empty() {
-            self.leases_outstanding = true;
         }
         let next_visible_at = if rows.len() < max {
             self.next_visible_at(queue, &lanes, now)?
@@ -923,6 +1093,8 @@ impl Writer {
         };
         Ok(LeaseBatch {
             rows,
+            permits: Vec::new(),
+            requested: max,
             token,
             next_visible_at,
         })
@@ -1053,6 +1225,9 @@ impl Writer {
         settlement: Settlement,
         now: i64,
     ) -> Result<(), Fail<SettleError>> {
+        // Settled or lost, it is no longer ours to renew. (If settling fails,
+        // a release or a retried settlement follows.)
+        self.forget(lease);
         match settlement {
             Settlement::Ack => {
                 let deleted = self.exec(
@@ -1122,26 +1297,42 @@ impl Writer {
              WHERE seq = ?1 AND lease_owner = ?2 AND lease_token = ?3",
             params![lease.seq, self.owner, lease.token, i64::from(undelivered)],
         )?;
+        self.forget(lease);
         if released > 0 {
             self.touched.insert(queue.clone());
         }
         Ok(())
     }
 
+    fn forget(&mut self, lease: LeaseId) {
+        if self.held.get(&lease.seq) == Some(&lease.token) {
+            self.held.remove(&lease.seq);
+        }
+    }
+
     /// Extends every lease this transport holds and heartbeats its consumers.
     fn renew(&mut self, now: i64) -> rusqlite::Result<()> {
-        let renewed = self.exec(
-            "UPDATE busway_messages SET visible_at = ?1 WHERE lease_owner = ?2",
-            params![now.saturating_add(self.lease_ms), self.owner],
-        )?;
+        let deadline = now.saturating_add(self.lease_ms);
+        let mut lost = Vec::new();
+        {
+            let mut stmt = self.conn.prepare_cached(
+                "UPDATE busway_messages SET visible_at = ?1 \
+                 WHERE seq = ?2 AND lease_owner = ?3 AND lease_token = ?4",
+            )?;
+            for (&seq, &token) in &self.held {
+                if stmt.execute(params![deadline, seq, self.owner, token])? == 0 {
+                    lost.push(seq);
+                }
+            }
+        }
+        for seq in lost {
+            self.held.remove(&seq);
+        }
         if !self.consumers.is_empty() {
             self.exec(
                 "UPDATE busway_consumers SET heartbeat_at = ?1 WHERE owner = ?2",
                 params![now, self.owner],
             )?;
-        }
-        if renewed == 0 && self.consumers.is_empty() {
-            self.leases_outstanding = false;
         }
         Ok(())
     }
@@ -1154,62 +1345,22 @@ impl Writer {
                 params![lease.seq, self.owner, lease.token],
             )?;
         }
-        self.exec(
-            "UPDATE busway_messages SET lease_owner = NULL, lease_token = NULL, \
-             visible_at = enqueued_at WHERE lease_owner = ?1",
-            [&self.owner],
-        )?;
+        {
+            let mut stmt = self.conn.prepare_cached(
+                "UPDATE busway_messages SET lease_owner = NULL, lease_token = NULL, \
+                 visible_at = enqueued_at WHERE seq = ?1 AND lease_owner = ?2 AND lease_token = ?3",
+            )?;
+            for (&seq, &token) in &self.held {
+                stmt.execute(params![seq, self.owner, token])?;
+            }
+        }
+        self.held.clear();
         self.exec(
             "DELETE FROM busway_consumers WHERE owner = ?1",
-            [&self.owner],
+            [self.owner],
         )?;
         self.consumers.clear();
-        self.leases_outstanding = false;
         Ok(())
-    }
-}
-
-impl Command {
-    /// Answers a command whose transaction failed with `e`; internal
-    /// commands are kept to run again.
-    fn fail(self, e: &rusqlite::Error, retry: &mut Vec<Command>) {
-        match self {
-            Command::Declare { reply, .. } | Command::Bind { reply, .. } => {
-                let _ = reply.send(Err(sql_error(e)));
-            }
-            Command::Publish { reply, .. } => {
-                let _ = reply.send(Err(sql_error(e)));
-            }
-            Command::AddConsumer { reply, .. } => {
-                let _ = reply.send(Err(sql_error(e)));
-            }
-            Command::Lease { reply, .. } => {
-                let _ = reply.send(Err(sql_error(e)));
-            }
-            Command::Settle {
-                reply,
-                lease,
-                queue,
-                ..
-            } => {
-                retry.push(Command::Release {
-                    lease,
-                    queue,
-                    undelivered: false,
-                });
-                let _ = reply.send(Err(sql_error(e)));
-            }
-            internal @ (Command::Release { .. } | Command::RemoveConsumer { .. }) => {
-                retry.push(internal);
-            }
-            Command::Close { reply, .. } => {
-                if let Some(reply) = reply {
-                    let _ = reply.send(());
-                }
-            }
-            #[cfg(test)]
-            Command::Crash => {}
-        }
     }
 }
 
