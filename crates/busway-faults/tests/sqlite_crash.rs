@@ -31,7 +31,10 @@ struct Confirmed {
 }
 
 /// Spawns a child and a thread recording what it confirms.
-fn spawn(args: &[&str], confirmed: &Arc<Mutex<Confirmed>>) -> anyhow::Result<(Child, JoinHandle<anyhow::Result<()>>)> {
+fn spawn(
+    args: &[&str],
+    confirmed: &Arc<Mutex<Confirmed>>,
+) -> anyhow::Result<(Child, JoinHandle<anyhow::Result<()>>)> {
     let mut child = Command::new(CHILD)
         .args(args)
         .stdout(Stdio::piped())
@@ -94,13 +97,17 @@ async fn killed_publishers_and_consumers_lose_nothing() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(rng.random_range(150..600)));
         publisher.kill()?; // SIGKILL
         publisher.wait()?;
-        pub_reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+        pub_reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("reader panicked"))??;
         if let Some((mut child, reader)) = consumer {
             // Kill the consumer a little later, at a different point of its work.
             std::thread::sleep(Duration::from_millis(rng.random_range(0..100)));
             child.kill()?;
             child.wait()?;
-            reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+            reader
+                .join()
+                .map_err(|_| anyhow::anyhow!("reader panicked"))??;
         }
 
         // Reopen with busway (runs recovery and migrations), then count.
@@ -118,7 +125,10 @@ async fn killed_publishers_and_consumers_lose_nothing() -> anyhow::Result<()> {
         );
         for (id, n) in &stored {
             ensure!(*n == 1, "cycle {cycle}: message {id} stored {n} times");
-            ensure!(!c.acked.contains(id), "cycle {cycle}: acknowledged message {id} is back");
+            ensure!(
+                !c.acked.contains(id),
+                "cycle {cycle}: acknowledged message {id} is back"
+            );
         }
         for id in &c.published {
             ensure!(
@@ -134,7 +144,10 @@ async fn killed_publishers_and_consumers_lose_nothing() -> anyhow::Result<()> {
         );
     }
     let c = confirmed.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-    ensure!(c.published.len() > 100, "the publisher confirmed too little to test anything");
+    ensure!(
+        c.published.len() > 100,
+        "the publisher confirmed too little to test anything"
+    );
     ensure!(!c.acked.is_empty(), "the consumer acknowledged nothing");
     Ok(())
 }

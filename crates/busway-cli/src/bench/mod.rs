@@ -106,16 +106,22 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let redacted = busway::redact_url(&args.url);
 
+    // The baseline runs first: memory a run frees may stay resident, and the
+    // lean baseline leaves little behind to count against busway's peak.
+    let baseline = match args.baseline {
+        Some(Baseline::Raw) => {
+            reset_peak_rss();
+            let (name, measured) = raw::run(&args).await.context("raw baseline failed")?;
+            Some(args.report(name, &redacted, measured, peak_rss_bytes()))
+        }
+        None => None,
+    };
     reset_peak_rss();
     let measured = transport::run(&args)
         .await
         .with_context(|| format!("benchmark of {redacted} failed"))?;
     let mut report = args.report("busway", &redacted, measured, peak_rss_bytes());
-
-    if let Some(Baseline::Raw) = args.baseline {
-        reset_peak_rss();
-        let (name, measured) = raw::run(&args).await.context("raw baseline failed")?;
-        let baseline = args.report(name, &redacted, measured, peak_rss_bytes());
+    if let Some(baseline) = baseline {
         report.ratio = Some(report.e2e_rate / baseline.e2e_rate);
         report.baseline = Some(Box::new(baseline));
     }

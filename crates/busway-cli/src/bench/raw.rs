@@ -24,7 +24,8 @@ pub(super) async fn run(args: &BenchArgs) -> anyhow::Result<(&'static str, Measu
         "sqlite" => {
             let (path, config) = SqliteConfig::from_url(&args.url)?;
             let args = args.clone();
-            let measured = tokio::task::spawn_blocking(move || raw_sqlite(&args, &path, &config)).await??;
+            let measured =
+                tokio::task::spawn_blocking(move || raw_sqlite(&args, &path, &config)).await??;
             Ok(("raw rusqlite", measured))
         }
         "memory" => Ok(("tokio mpsc", raw_channel(args).await?)),
@@ -33,7 +34,10 @@ pub(super) async fn run(args: &BenchArgs) -> anyhow::Result<(&'static str, Measu
 }
 
 fn scratch_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(".raw-baseline");
     path.with_file_name(name)
 }
@@ -59,7 +63,6 @@ fn raw_sqlite(args: &BenchArgs, path: &Path, config: &SqliteConfig) -> anyhow::R
          CREATE TABLE raw_messages(seq INTEGER PRIMARY KEY, payload BLOB NOT NULL);"
     ))?;
     let conn = Arc::new(Mutex::new(conn));
-    let lock = |c: &Mutex<Connection>| c.lock().map_err(|_| anyhow!("connection lock poisoned"));
     let acked = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
 
@@ -73,7 +76,8 @@ fn raw_sqlite(args: &BenchArgs, path: &Path, config: &SqliteConfig) -> anyhow::R
                 let mut c = lock(&conn)?;
                 let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                 {
-                    let mut insert = tx.prepare_cached("INSERT INTO raw_messages(payload) VALUES (?1)")?;
+                    let mut insert =
+                        tx.prepare_cached("INSERT INTO raw_messages(payload) VALUES (?1)")?;
                     for _ in 0..batch {
                         insert.execute(params![&stamped_payload(start, size)[..]])?;
                     }
@@ -94,12 +98,16 @@ fn raw_sqlite(args: &BenchArgs, path: &Path, config: &SqliteConfig) -> anyhow::R
                 let mut c = lock(&conn)?;
                 let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                 let rows = {
-                    let mut select =
-                        tx.prepare_cached("SELECT seq, payload FROM raw_messages ORDER BY seq LIMIT ?1")?;
+                    let mut select = tx.prepare_cached(
+                        "SELECT seq, payload FROM raw_messages ORDER BY seq LIMIT ?1",
+                    )?;
                     let rows = select
-                        .query_map([prefetch], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))?
+                        .query_map([prefetch], |r| {
+                            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+                        })?
                         .collect::<Result<Vec<_>, _>>()?;
-                    let mut delete = tx.prepare_cached("DELETE FROM raw_messages WHERE seq = ?1")?;
+                    let mut delete =
+                        tx.prepare_cached("DELETE FROM raw_messages WHERE seq = ?1")?;
                     for (seq, _) in &rows {
                         delete.execute([seq])?;
                     }
@@ -129,7 +137,8 @@ fn raw_sqlite(args: &BenchArgs, path: &Path, config: &SqliteConfig) -> anyhow::R
         consumers = (0..args.consumers).map(|_| consume()).collect();
     }
     for p in (0..args.publishers).map(publish).collect::<Vec<_>>() {
-        p.join().map_err(|_| anyhow!("publisher thread panicked"))??;
+        p.join()
+            .map_err(|_| anyhow!("publisher thread panicked"))??;
     }
     let publish_elapsed = start.elapsed();
     let consume_start = Instant::now();
@@ -138,21 +147,34 @@ fn raw_sqlite(args: &BenchArgs, path: &Path, config: &SqliteConfig) -> anyhow::R
     }
     let mut latencies = new_histogram()?;
     for c in consumers {
-        latencies.add(c.join().map_err(|_| anyhow!("consumer thread panicked"))??)?;
+        latencies.add(
+            c.join()
+                .map_err(|_| anyhow!("consumer thread panicked"))??,
+        )?;
     }
     let total_elapsed = start.elapsed();
     drop(conn);
     remove_database(&path);
     Ok(Measured {
         publish_elapsed,
-        consume_elapsed: if args.sequential { consume_start.elapsed() } else { total_elapsed },
+        consume_elapsed: if args.sequential {
+            consume_start.elapsed()
+        } else {
+            total_elapsed
+        },
         total_elapsed,
         latencies_us: latencies,
     })
 }
 
+fn lock(conn: &Mutex<Connection>) -> anyhow::Result<std::sync::MutexGuard<'_, Connection>> {
+    conn.lock().map_err(|_| anyhow!("connection lock poisoned"))
+}
+
 async fn raw_channel(args: &BenchArgs) -> anyhow::Result<Measured> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(usize::from(args.prefetch).max(1) * args.consumers);
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(
+        usize::from(args.prefetch).max(1) * args.consumers,
+    );
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let start = Instant::now();
     let consumers: Vec<_> = (0..args.consumers)

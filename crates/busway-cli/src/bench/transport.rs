@@ -18,7 +18,9 @@ pub(super) async fn run(args: &BenchArgs) -> anyhow::Result<Measured> {
     let transport = busway::connect(&args.url).await?;
     let id = uuid::Uuid::new_v4().simple().to_string();
     let queue = QueueName::new(format!("bench_{}", &id[..12]))?;
-    transport.declare_queue(&QueueSpec::new(queue.clone())).await?;
+    transport
+        .declare_queue(&QueueSpec::new(queue.clone()))
+        .await?;
 
     let progress = args.progress();
     let acked = Arc::new(AtomicU64::new(0));

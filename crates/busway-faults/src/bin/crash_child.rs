@@ -15,10 +15,14 @@ async fn main() -> anyhow::Result<()> {
         _ => bail!("usage: busway-crash-child publish|consume URL QUEUE [FIRST_ID]"),
     };
     let transport = busway::connect(url).await?;
-    transport.declare_queue(&QueueSpec::new(queue.clone())).await?;
+    transport
+        .declare_queue(&QueueSpec::new(queue.clone()))
+        .await?;
     let stdout = std::sync::Mutex::new(std::io::stdout());
     let print = |line: String| -> anyhow::Result<()> {
-        let mut out = stdout.lock().map_err(|_| anyhow::anyhow!("stdout lock poisoned"))?;
+        let mut out = stdout
+            .lock()
+            .map_err(|_| anyhow::anyhow!("stdout lock poisoned"))?;
         writeln!(out, "{line}")?;
         out.flush()?;
         Ok(())
@@ -30,7 +34,8 @@ async fn main() -> anyhow::Result<()> {
             // only after its publish returned, i.e. it is on disk.
             stream::iter(first..)
                 .map(|id| {
-                    let publish = Publish::to_queue(queue.clone(), Message::new("crash", id.to_string()));
+                    let publish =
+                        Publish::to_queue(queue.clone(), Message::new("crash", id.to_string()));
                     let transport = transport.clone();
                     async move { transport.publish(publish).await.map(|()| id) }
                 })
@@ -40,7 +45,9 @@ async fn main() -> anyhow::Result<()> {
                 .await
         }
         "consume" => {
-            let deliveries = transport.consume(&queue, ConsumeOptions::with_prefetch(32)).await?;
+            let deliveries = transport
+                .consume(&queue, ConsumeOptions::with_prefetch(32))
+                .await?;
             deliveries
                 .map_err(anyhow::Error::from)
                 .map_ok(|delivery| async move {
