@@ -5,5 +5,5 @@
 //! backend has confirmed the operation:
 //! - `busway-crash-child publish URL QUEUE FIRST_ID` publishes ids `FIRST_ID..`
 //!   forever and prints `P <id>` once each publish is durable;
-//! - `busway-crash-child consume URL QUEUE` acknowledges whatever arrives and
-//!   prints `A <id>` once each acknowledgement is durable.
+//! - `busway-crash-child consume URL QUEUE` prints `D <id>` for each delivery,
+//!   acknowledges it and prints `A <id>` once the acknowledgement is durable.

@@ -52,6 +52,10 @@ async fn main() -> anyhow::Result<()> {
                 .map_err(anyhow::Error::from)
                 .map_ok(|delivery| async move {
                     let id = String::from_utf8_lossy(&delivery.message().payload).into_owned();
+                    // Printed before the ack: if the process dies after the ack
+                    // committed but before `A` is printed, the message is gone
+                    // legitimately, and the test knows it was in this window.
+                    print(format!("D {id}"))?;
                     delivery.ack().await?;
                     Ok::<_, anyhow::Error>(id)
                 })
