@@ -42,6 +42,7 @@
 //!   in the SQL above; expired messages and messages out of attempts are
 //!   dead-lettered when they reach the head of their queue.
 
+mod checkpoint;
 mod config;
 mod consumer;
 mod error;

@@ -268,7 +268,8 @@ async fn dead_letter_without_dead_letter_queue_returns_the_message() -> TestResu
     Ok(())
 }
 
-/// The dequeue is an index range scan in delivery order: no table scan, no sort.
+/// The dequeue is an index range scan in delivery order: no table scan, no
+/// sort, and it is not recompiled on every run.
 #[test]
 fn dequeue_uses_the_ready_index() -> TestResult {
     let dir = tempfile::tempdir()?;
@@ -280,12 +281,20 @@ fn dequeue_uses_the_ready_index() -> TestResult {
         let rows = stmt.query_map([], |r| r.get::<_, String>(3))?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?.join("; "))
     };
-    let dequeue = plan(&format!(
-        "SELECT {} FROM busway_messages WHERE queue = 'q' AND lane = 0 AND visible_at <= 5 \
-         ORDER BY visible_at, seq LIMIT 10",
-        crate::row::ROW_COLUMNS
-    ))?;
+    let sql = crate::writer::select_ready_sql()
+        .replace("?1", "'q'")
+        .replace("?2", "0")
+        .replace("?3", "5")
+        .replace("?4", "10");
+    let dequeue = plan(&sql)?;
     assert!(dequeue.contains("busway_messages_ready"), "{dequeue}");
     assert!(!dequeue.contains("TEMP B-TREE"), "{dequeue}");
+    let mut stmt = conn.prepare(&crate::writer::select_ready_sql())?;
+    for now in 0..5 {
+        stmt.query([&"q" as &dyn rusqlite::ToSql, &0, &now, &10])?
+            .next()?;
+    }
+    let reprepared = stmt.get_status(rusqlite::StatementStatus::RePrepare);
+    assert!(reprepared <= 1, "recompiled {reprepared} times");
     Ok(())
 }

@@ -18,6 +18,7 @@ use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::{oneshot, watch, Semaphore};
 use uuid::Uuid;
 
+use crate::checkpoint::Checkpointer;
 use crate::config::SqliteConfig;
 use crate::consumer::{self, ConsumerState, ConsumerStream};
 use crate::error::FromSqlite;
@@ -264,6 +265,13 @@ impl SqliteTransport {
         // every queue.
         conn.pragma_update(None, "cache_size", -16_000)
             .map_err(|e| backend(Box::new(e), false))?;
+        // Checkpoints run on their own thread; the writer's automatic one is
+        // a rare backstop (see `checkpoint`). The WAL file is cut back to
+        // 64 MiB whenever it starts over.
+        conn.pragma_update(None, "wal_autocheckpoint", 16_384)
+            .map_err(|e| backend(Box::new(e), false))?;
+        conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)
+            .map_err(|e| backend(Box::new(e), false))?;
         schema::migrate(&mut conn).map_err(|e| {
             let retryable = e.is_retryable();
             backend(Box::new(e), retryable)
@@ -275,6 +283,8 @@ impl SqliteTransport {
             i64::try_from(Uuid::now_v7().as_u64_pair().1 & (u64::MAX >> 1)).unwrap_or_default();
         let wakers = Arc::new(Wakers::default());
         let (tx, rx) = std::sync::mpsc::channel();
+        let checkpointer = Checkpointer::spawn(path.clone(), config.clone())
+            .map_err(|e| backend(Box::new(e), true))?;
         writer::spawn(
             conn,
             WriterSettings {
@@ -285,6 +295,7 @@ impl SqliteTransport {
                 max_batch: config.max_batch,
                 max_payload_bytes: config.max_payload_bytes,
             },
+            checkpointer,
             wakers.clone(),
             rx,
         )

@@ -26,7 +26,7 @@
 //! savepoint is rolled back only when SQLite itself failed.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -37,6 +37,7 @@ use busway_core::{
 use rusqlite::{params, Connection, OptionalExtension, Params};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
+use crate::checkpoint::Checkpointer;
 use crate::config::Synchronous;
 use crate::error::{Fail, FromSqlite};
 use crate::row::{millis, StoredRow, ROW_COLUMNS};
@@ -150,6 +151,16 @@ impl Command {
         }
     }
 
+    /// Whether the caller waits for the commit (durable or not): the batch
+    /// then commits without lingering.
+    fn awaits_commit(&self) -> bool {
+        self.needs_sync()
+            || matches!(
+                self,
+                Command::AddConsumer { .. } | Command::Flush { .. } | Command::Close { .. }
+            )
+    }
+
     /// Answers the command with "closed" without running it.
     fn refuse_closed(self) {
         match self {
@@ -248,11 +259,13 @@ pub(crate) struct WriterSettings {
 pub(crate) fn spawn(
     conn: Connection,
     settings: WriterSettings,
+    checkpointer: Checkpointer,
     wakers: Arc<Wakers>,
     rx: Receiver<Command>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let writer = Writer {
         conn,
+        checkpointer,
         owner: settings.owner,
         full_sync: settings.synchronous == Synchronous::Full,
         sync_mode: None,
@@ -293,8 +306,15 @@ enum Done {
 /// How long to wait before retrying internal commands after a failure.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
+/// How long a batch that nobody waits on (leases, settlements, releases)
+/// stays open for more commands before it commits: a consumer then goes
+/// through many lease → ack cycles per commit. Bounds how much settling a
+/// crash can undo (those messages are delivered again).
+const LINGER: Duration = Duration::from_millis(5);
+
 struct Writer {
     conn: Connection,
+    checkpointer: Checkpointer,
     /// This transport's id, written into `lease_owner`.
     owner: i64,
     /// Configured `synchronous = FULL`.
@@ -488,13 +508,30 @@ impl Writer {
         let mut held_back = None;
         let mut lost: Option<rusqlite::Error> = None;
         let mut executed = 0;
+        // Nobody waits for this batch's commit: keep it open a little for
+        // more commands, and wake consumers at once (they lease through this
+        // same transaction, so they see its changes).
+        let linger_until = (!durable).then(|| Instant::now() + LINGER);
+        let mut commit_now = false;
         loop {
             let command = match batch.pop_front() {
                 Some(command) => command,
-                None if stop || executed >= self.max_batch => break,
+                None if stop || commit_now || executed >= self.max_batch => break,
                 None => match rx.try_recv() {
                     Ok(command) => command,
-                    Err(_) => break,
+                    Err(TryRecvError::Disconnected) => break,
+                    Err(TryRecvError::Empty) => {
+                        let left = linger_until.map_or(Duration::ZERO, |at| {
+                            at.saturating_duration_since(Instant::now())
+                        });
+                        if left.is_zero() {
+                            break;
+                        }
+                        match rx.recv_timeout(left) {
+                            Ok(command) => command,
+                            Err(_) => break,
+                        }
+                    }
                 },
             };
             if stop {
@@ -506,9 +543,15 @@ impl Writer {
                 break;
             }
             stop |= command.is_close();
+            commit_now |= command.awaits_commit();
             let now = self.now();
             self.execute(command, now, &mut done);
             executed += 1;
+            if linger_until.is_some() {
+                for queue in self.touched.drain() {
+                    self.wakers.bump(&queue);
+                }
+            }
             if self.conn.is_autocommit() {
                 // SQLite rolled the whole transaction back (I/O error, disk
                 // full, ...): nothing of this batch is stored.
@@ -541,6 +584,9 @@ impl Writer {
             }
         }
         let error = outcome.err();
+        if error.is_none() {
+            self.checkpointer.committed();
+        }
         for d in done {
             self.finish(d, error.as_ref());
         }
@@ -1107,11 +1153,7 @@ impl Writer {
         now: i64,
         limit: usize,
     ) -> rusqlite::Result<Vec<StoredRow>> {
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT {ROW_COLUMNS} FROM busway_messages \
-             WHERE queue = ?1 AND lane = ?2 AND visible_at <= ?3 \
-             ORDER BY visible_at, seq LIMIT ?4"
-        ))?;
+        let mut stmt = self.conn.prepare_cached(&select_ready_sql())?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = stmt.query_map(
             params![queue.as_str(), lane, now, limit],
@@ -1381,6 +1423,17 @@ struct NewRow<'a> {
     topic: Option<&'a str>,
     payload: &'a [u8],
     visible_at: i64,
+}
+
+/// The dequeue: ready rows of one lane of a queue, in delivery order. A
+/// range scan of `busway_messages_ready`. (`LIMIT ?4 + 0`: with a bare
+/// parameter as LIMIT, SQLite recompiles the statement on every run.)
+pub(crate) fn select_ready_sql() -> String {
+    format!(
+        "SELECT {ROW_COLUMNS} FROM busway_messages \
+         WHERE queue = ?1 AND lane = ?2 AND visible_at <= ?3 \
+         ORDER BY visible_at, seq LIMIT ?4 + 0"
+    )
 }
 
 /// The priority a queue orders a message by: its priority capped at the
