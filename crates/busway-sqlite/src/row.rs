@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 /// The columns selected for a row that is about to be delivered or moved.
 pub(crate) const ROW_COLUMNS: &str = "seq, id, kind, correlation_id, causation_id, reply_to, \
-     content_type, headers, timestamp, priority, expires_at, topic, payload, attempt";
+     content_type, headers, timestamp, priority, expires_at, topic, payload, attempt, visible_at";
 
 /// One stored message, as read for delivery.
 #[derive(Debug)]
@@ -28,6 +28,8 @@ pub(crate) struct StoredRow {
     pub(crate) payload: Vec<u8>,
     /// Deliveries so far (after a lease: including this one).
     pub(crate) attempt: i64,
+    /// When the row was (or will be) visible, as read.
+    pub(crate) visible_at: i64,
 }
 
 impl StoredRow {
@@ -48,6 +50,7 @@ impl StoredRow {
             topic: r.get(11)?,
             payload: r.get(12)?,
             attempt: r.get(13)?,
+            visible_at: r.get(14)?,
         })
     }
 

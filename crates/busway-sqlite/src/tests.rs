@@ -285,13 +285,15 @@ fn dequeue_uses_the_ready_index() -> TestResult {
         .replace("?1", "'q'")
         .replace("?2", "0")
         .replace("?3", "5")
-        .replace("?4", "10");
+        .replace("?4", "10")
+        .replace("?5", "0")
+        .replace("?6", "0");
     let dequeue = plan(&sql)?;
     assert!(dequeue.contains("busway_messages_ready"), "{dequeue}");
     assert!(!dequeue.contains("TEMP B-TREE"), "{dequeue}");
     let mut stmt = conn.prepare(&crate::writer::select_ready_sql())?;
     for now in 0..5 {
-        stmt.query([&"q" as &dyn rusqlite::ToSql, &0, &now, &10])?
+        stmt.query([&"q" as &dyn rusqlite::ToSql, &0, &now, &10, &0, &0])?
             .next()?;
     }
     let reprepared = stmt.get_status(rusqlite::StatementStatus::RePrepare);

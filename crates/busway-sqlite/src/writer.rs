@@ -284,6 +284,8 @@ pub(crate) fn spawn(
         next_token: 1,
         consumers: HashSet::new(),
         held: HashMap::new(),
+        pending: HashMap::new(),
+        cursors: HashMap::new(),
         retry: Vec::new(),
     };
     std::thread::Builder::new()
@@ -346,6 +348,16 @@ struct Writer {
     /// The leases this transport holds (row → token): renewed every
     /// `lease / 3`, released at close.
     held: HashMap<i64, i64>,
+    /// Leases handed out in the open transaction and not yet written
+    /// (row → token). Nobody else can see the rows before the commit, so a
+    /// lease settled within the same transaction is never written at all;
+    /// the others are written just before the commit.
+    pending: HashMap<i64, i64>,
+    /// Per queue and lane, the last row the open transaction's leases read
+    /// (visible_at, seq): later leases start after it, so they do not read
+    /// rows already handed out. A row released behind it is found by the
+    /// next transaction.
+    cursors: HashMap<(QueueName, i64), (i64, i64)>,
     /// Internal commands (releases, settlements already answered, consumer
     /// removals) to run again after their transaction failed: they must not
     /// be lost.
@@ -486,6 +498,8 @@ impl Writer {
     ) -> (bool, Option<Command>) {
         self.lengths.clear();
         self.touched.clear();
+        self.cursors.clear();
+        self.pending.clear();
         let durable = self.full_sync && batch.iter().any(Command::needs_sync);
         let begun = self
             .set_sync(durable)
@@ -548,8 +562,8 @@ impl Writer {
             self.execute(command, now, &mut done);
             executed += 1;
             if linger_until.is_some() {
-                for queue in self.touched.drain() {
-                    self.wakers.bump(&queue);
+                for queue in &self.touched {
+                    self.wakers.bump(queue);
                 }
             }
             if self.conn.is_autocommit() {
@@ -562,6 +576,15 @@ impl Writer {
                 break;
             }
         }
+        if lost.is_none() {
+            let now = self.now();
+            if let Err(e) = self.write_pending_leases(now) {
+                // Leases handed out but not recorded: the batch must not
+                // commit without them.
+                lost = Some(e);
+            }
+        }
+        self.pending.clear();
         if renew && lost.is_none() {
             let now = self.now();
             if let Err(e) = self.renew(now) {
@@ -1093,7 +1116,6 @@ impl Writer {
             .ok_or_else(|| ConsumeError::QueueNotFound(queue.clone()))?;
         let token = self.next_token;
         self.next_token += 1;
-        let deadline = now.saturating_add(self.lease_ms);
         let lanes = lanes(&spec);
         let mut rows = Vec::new();
         for &lane in &lanes {
@@ -1104,6 +1126,10 @@ impl Writer {
                 }
                 let candidates = self.select_ready(queue, lane, now, want)?;
                 let found = candidates.len();
+                if let Some(last) = candidates.last() {
+                    self.cursors
+                        .insert((queue.clone(), lane), (last.visible_at, last.seq));
+                }
                 for mut row in candidates {
                     if row.expires_at.is_some_and(|at| at <= now) {
                         let attempts = row.attempt;
@@ -1118,13 +1144,8 @@ impl Writer {
                             continue;
                         }
                     }
-                    self.exec(
-                        "UPDATE busway_messages SET lease_owner = ?1, lease_token = ?2, \
-                         visible_at = ?3, attempt = attempt + 1 WHERE seq = ?4",
-                        params![self.owner, token, deadline, row.seq],
-                    )?;
                     row.attempt += 1;
-                    self.held.insert(row.seq, token);
+                    self.pending.insert(row.seq, token);
                     rows.push(row);
                 }
                 if found < want {
@@ -1153,10 +1174,22 @@ impl Writer {
         now: i64,
         limit: usize,
     ) -> rusqlite::Result<Vec<StoredRow>> {
+        let (after_visible_at, after_seq) = self
+            .cursors
+            .get(&(queue.clone(), lane))
+            .copied()
+            .unwrap_or((i64::MIN, i64::MIN));
         let mut stmt = self.conn.prepare_cached(&select_ready_sql())?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = stmt.query_map(
-            params![queue.as_str(), lane, now, limit],
+            params![
+                queue.as_str(),
+                lane,
+                now,
+                limit,
+                after_visible_at,
+                after_seq
+            ],
             StoredRow::from_row,
         )?;
         rows.collect()
@@ -1267,6 +1300,16 @@ impl Writer {
         settlement: Settlement,
         now: i64,
     ) -> Result<(), Fail<SettleError>> {
+        if self.take_pending(lease) {
+            if settlement == Settlement::Ack {
+                // Leased and acknowledged in the same transaction: the
+                // lease was never written.
+                self.exec("DELETE FROM busway_messages WHERE seq = ?1", [lease.seq])?;
+                self.lengths.remove(queue);
+                return Ok(());
+            }
+            self.write_lease(lease, now)?;
+        }
         // Settled or lost, it is no longer ours to renew. (If settling fails,
         // a release or a retried settlement follows.)
         self.forget(lease);
@@ -1333,6 +1376,18 @@ impl Writer {
         queue: &QueueName,
         undelivered: bool,
     ) -> rusqlite::Result<()> {
+        if self.take_pending(lease) {
+            // The row never left its place. A delivery the application saw
+            // counts as an attempt.
+            if !undelivered {
+                self.exec(
+                    "UPDATE busway_messages SET attempt = attempt + 1 WHERE seq = ?1",
+                    [lease.seq],
+                )?;
+            }
+            self.touched.insert(queue.clone());
+            return Ok(());
+        }
         let released = self.exec(
             "UPDATE busway_messages SET lease_owner = NULL, lease_token = NULL, \
              visible_at = enqueued_at, attempt = max(attempt - ?4, 0) \
@@ -1342,6 +1397,42 @@ impl Writer {
         self.forget(lease);
         if released > 0 {
             self.touched.insert(queue.clone());
+        }
+        Ok(())
+    }
+
+    /// Whether `lease` was handed out in the open transaction and not yet
+    /// written; it no longer is afterwards.
+    fn take_pending(&mut self, lease: LeaseId) -> bool {
+        if self.pending.get(&lease.seq) == Some(&lease.token) {
+            self.pending.remove(&lease.seq);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Writes a lease handed out in the open transaction.
+    fn write_lease(&mut self, lease: LeaseId, now: i64) -> rusqlite::Result<()> {
+        self.exec(
+            "UPDATE busway_messages SET lease_owner = ?1, lease_token = ?2, \
+             visible_at = ?3, attempt = attempt + 1 WHERE seq = ?4",
+            params![
+                self.owner,
+                lease.token,
+                now.saturating_add(self.lease_ms),
+                lease.seq
+            ],
+        )?;
+        self.held.insert(lease.seq, lease.token);
+        Ok(())
+    }
+
+    /// Writes every lease still unsettled, before the commit.
+    fn write_pending_leases(&mut self, now: i64) -> rusqlite::Result<()> {
+        let pending: Vec<(i64, i64)> = self.pending.drain().collect();
+        for (seq, token) in pending {
+            self.write_lease(LeaseId { seq, token }, now)?;
         }
         Ok(())
     }
@@ -1380,6 +1471,8 @@ impl Writer {
     }
 
     fn close(&mut self, undelivered: &[LeaseId]) -> rusqlite::Result<()> {
+        let now = self.now();
+        self.write_pending_leases(now)?;
         for lease in undelivered {
             self.exec(
                 "UPDATE busway_messages SET attempt = max(attempt - 1, 0) \
@@ -1425,13 +1518,15 @@ struct NewRow<'a> {
     visible_at: i64,
 }
 
-/// The dequeue: ready rows of one lane of a queue, in delivery order. A
-/// range scan of `busway_messages_ready`. (`LIMIT ?4 + 0`: with a bare
+/// The dequeue: ready rows of one lane of a queue, in delivery order, after
+/// the row (?5 = visible_at, ?6 = seq) the transaction read last. A range
+/// scan of `busway_messages_ready`. (`LIMIT ?4 + 0`: with a bare
 /// parameter as LIMIT, SQLite recompiles the statement on every run.)
 pub(crate) fn select_ready_sql() -> String {
     format!(
         "SELECT {ROW_COLUMNS} FROM busway_messages \
          WHERE queue = ?1 AND lane = ?2 AND visible_at <= ?3 \
+         AND visible_at >= ?5 AND NOT (visible_at = ?5 AND seq <= ?6) \
          ORDER BY visible_at, seq LIMIT ?4 + 0"
     )
 }
