@@ -187,7 +187,6 @@ async fn recovers_after_close_all_connections() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "restarts the broker app; run alone: cargo test -p busway-rabbitmq -- --ignored"]
 async fn recovers_after_broker_restart() -> anyhow::Result<()> {
     survive("restart", 400, || {
         rabbitmqctl(&["stop_app"])?;
