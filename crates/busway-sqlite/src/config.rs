@@ -5,19 +5,30 @@ use std::time::Duration;
 
 use busway_core::{ConnectError, DEFAULT_MAX_PAYLOAD_BYTES};
 
-/// How hard SQLite works to make a commit survive a power cut.
+/// How hard the transport works to make what it confirms survive a power cut.
+///
+/// Every transaction is in the operating system when its commit returns, so
+/// whatever the transport confirmed survives the death of the process with
+/// either setting.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Synchronous {
-    /// `PRAGMA synchronous = FULL`: every commit is on disk before it
-    /// returns, even if the machine loses power. The default.
+    /// Durable publishes, declarations and bindings are answered only once
+    /// the WAL is fsynced: they survive a power cut. The fsync runs on a
+    /// thread of its own while the next batch is written, and one fsync
+    /// covers everything committed before it. Settlements (ack, nack,
+    /// dead-letter) are answered after their commit and reach the disk with
+    /// the next fsync: a power cut right after an ack may deliver that
+    /// message again, never lose one. The default.
     #[default]
     Full,
-    /// `PRAGMA synchronous = NORMAL`: commits survive a crash of the process,
-    /// but the last ones may be lost if the machine loses power. Faster.
+    /// Nothing waits for an fsync (SQLite syncs at checkpoints): after a
+    /// power cut the last confirmed publishes may be missing. Faster on
+    /// disks with slow fsyncs.
     Normal,
 }
 
 impl Synchronous {
+    /// The `PRAGMA synchronous` of connections other than the writer's.
     pub(crate) fn pragma_value(self) -> &'static str {
         match self {
             Synchronous::Full => "FULL",
@@ -57,7 +68,7 @@ pub struct SqliteConfig {
     /// transport wake consumers at once. Default 10 ms; at least 1 ms.
     pub poll_interval: Duration,
     /// Most commands (publishes, acks, leases, ...) committed in one
-    /// transaction, so one fsync covers all of them. Default 1024; at least 1.
+    /// transaction (group commit). Default 1024; at least 1.
     pub max_batch: usize,
     /// How long a write waits for another process holding the write lock
     /// before it fails with a retryable error. Default 5 s.

@@ -213,7 +213,7 @@ impl Acker for SqliteAcker {
                 lease: this.lease,
                 queue: this.queue,
                 settlement,
-                reply: Some(reply),
+                reply,
             })
             .is_ok();
         // The delivery is settled as far as prefetch goes: the writer applies

@@ -19,10 +19,11 @@ use tokio::sync::{oneshot, watch, Semaphore};
 use uuid::Uuid;
 
 use crate::checkpoint::Checkpointer;
-use crate::config::SqliteConfig;
+use crate::config::{SqliteConfig, Synchronous};
 use crate::consumer::{self, ConsumerState, ConsumerStream};
 use crate::error::FromSqlite;
 use crate::schema;
+use crate::sync::Syncer;
 use crate::wake::Wakers;
 use crate::writer::{self, Command, WriterSettings};
 
@@ -265,6 +266,10 @@ impl SqliteTransport {
         // every queue.
         conn.pragma_update(None, "cache_size", -16_000)
             .map_err(|e| backend(Box::new(e), false))?;
+        // The writer commits without fsync; with `Synchronous::Full` the sync
+        // thread fsyncs the WAL before durable replies (see `sync`).
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(|e| backend(Box::new(e), false))?;
         // Checkpoints run on their own thread; the writer's automatic one is
         // a rare backstop (see `checkpoint`). The WAL file is cut back to
         // 64 MiB whenever it starts over.
@@ -285,17 +290,23 @@ impl SqliteTransport {
         let (tx, rx) = std::sync::mpsc::channel();
         let checkpointer = Checkpointer::spawn(path.clone(), config.clone())
             .map_err(|e| backend(Box::new(e), true))?;
+        let syncer = match config.synchronous {
+            Synchronous::Full => {
+                Some(Syncer::spawn(&path).map_err(|e| backend(Box::new(e), true))?)
+            }
+            Synchronous::Normal => None,
+        };
         writer::spawn(
             conn,
             WriterSettings {
                 owner,
-                synchronous: config.synchronous,
                 lease: config.lease,
                 poll_interval: config.poll_interval,
                 max_batch: config.max_batch,
                 max_payload_bytes: config.max_payload_bytes,
             },
             checkpointer,
+            syncer,
             wakers.clone(),
             rx,
         )

@@ -3,21 +3,24 @@
 //! Commands arrive over a channel. The thread blocks for the first one,
 //! opens one `BEGIN IMMEDIATE` transaction and keeps executing whatever is
 //! queued, including commands that arrive meanwhile, up to `max_batch`; then
-//! it commits once, so one fsync covers the whole batch (group commit).
+//! it commits once (group commit).
 //!
-//! Replies:
-//! - durable publishes, declarations and bindings are answered after the
-//!   commit: they are on disk when their caller hears back;
-//! - leases and settlements (ack, nack, dead-letter) are answered as soon as
-//!   they are applied inside the open transaction, so a consumer can go
-//!   through several lease → ack cycles within one batch instead of one per
-//!   fsync. They are durable once the batch commits, a few milliseconds
-//!   later; if the commit fails the writer runs the settlements again
-//!   itself, and if the process dies first the messages are delivered again
-//!   (at least once, never lost);
-//! - a batch holding nothing that waits for durability commits with
-//!   `synchronous = NORMAL` (no fsync); the next `FULL` commit or checkpoint
-//!   makes it durable with everything before it.
+//! Every transaction commits with `synchronous = NORMAL`: once `COMMIT`
+//! returns it survives the death of the process. Replies:
+//! - leases are answered as soon as they are applied, before the commit: a
+//!   lease lost to a crash only means the message is delivered again. A lease
+//!   settled within the same transaction is never written at all;
+//! - settlements (ack, nack, dead-letter), consumer registrations and flushes
+//!   are answered after the commit;
+//! - durable publishes, declarations, bindings and close are answered after
+//!   the commit too, and with `Synchronous::Full` only once the WAL is fsynced
+//!   by the sync thread (see `sync`), while this thread goes on with the next
+//!   batch;
+//! - buffered publishes are answered before the commit.
+//!
+//! A batch nobody waits on (leases, releases, buffered publishes) stays open
+//! up to `LINGER` for more commands, so a busy consumer's lease cycles share
+//! commits.
 //!
 //! A command that fails runs inside its own savepoint and is rolled back
 //! alone; the others commit. Rule for the operations below: a refusal
@@ -38,9 +41,9 @@ use rusqlite::{params, Connection, OptionalExtension, Params};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::checkpoint::Checkpointer;
-use crate::config::Synchronous;
 use crate::error::{Fail, FromSqlite};
 use crate::row::{millis, StoredRow, ROW_COLUMNS};
+use crate::sync::{Syncer, Waiter};
 use crate::wake::Wakers;
 
 /// Identifies one lease of one row: the row and the token of the lease.
@@ -102,13 +105,11 @@ pub(crate) enum Command {
         slots: Arc<Semaphore>,
         reply: Reply<LeaseBatch, ConsumeError>,
     },
-    /// Settles a delivery. Without a reply: the writer retrying a settlement
-    /// whose transaction failed after it was answered.
     Settle {
         lease: LeaseId,
         queue: QueueName,
         settlement: Settlement,
-        reply: Option<Reply<(), SettleError>>,
+        reply: Reply<(), SettleError>,
     },
     /// Returns a delivery to its queue. `undelivered`: it never reached the
     /// application, so the lease does not count as an attempt.
@@ -142,23 +143,19 @@ impl Command {
         }
     }
 
-    /// Whether the caller waits for this command to be on disk.
-    fn needs_sync(&self) -> bool {
+    /// Whether someone waits for this command's commit: the batch then
+    /// commits without lingering.
+    fn awaits_commit(&self) -> bool {
         match self {
             Command::Publish { durability, .. } => *durability == Durability::Durable,
-            Command::Declare { .. } | Command::Bind { .. } | Command::Close { .. } => true,
+            Command::Declare { .. }
+            | Command::Bind { .. }
+            | Command::AddConsumer { .. }
+            | Command::Settle { .. }
+            | Command::Flush { .. }
+            | Command::Close { .. } => true,
             _ => false,
         }
-    }
-
-    /// Whether the caller waits for the commit (durable or not): the batch
-    /// then commits without lingering.
-    fn awaits_commit(&self) -> bool {
-        self.needs_sync()
-            || matches!(
-                self,
-                Command::AddConsumer { .. } | Command::Flush { .. } | Command::Close { .. }
-            )
     }
 
     /// Answers the command with "closed" without running it.
@@ -177,9 +174,7 @@ impl Command {
                 let _ = reply.send(Err(ConsumeError::Closed));
             }
             Command::Settle { reply, .. } => {
-                if let Some(reply) = reply {
-                    let _ = reply.send(Err(SettleError::Closed));
-                }
+                let _ = reply.send(Err(SettleError::Closed));
             }
             Command::Flush { reply } => {
                 let _ = reply.send(());
@@ -212,7 +207,7 @@ impl Command {
                 let _ = reply.send(Err(sql_error(e)));
             }
             Command::Settle {
-                reply: Some(reply),
+                reply,
                 lease,
                 queue,
                 ..
@@ -226,9 +221,7 @@ impl Command {
                 });
                 let _ = reply.send(Err(sql_error(e)));
             }
-            internal @ (Command::Settle { reply: None, .. }
-            | Command::Release { .. }
-            | Command::RemoveConsumer { .. }) => {
+            internal @ (Command::Release { .. } | Command::RemoveConsumer { .. }) => {
                 retry.push(internal);
             }
             Command::Flush { reply } => {
@@ -248,27 +241,27 @@ impl Command {
 /// What the writer needs to know.
 pub(crate) struct WriterSettings {
     pub(crate) owner: i64,
-    pub(crate) synchronous: Synchronous,
     pub(crate) lease: Duration,
     pub(crate) poll_interval: Duration,
     pub(crate) max_batch: usize,
     pub(crate) max_payload_bytes: usize,
 }
 
-/// Starts the writer thread.
+/// Starts the writer thread. `syncer`: fsync the WAL before answering
+/// durable commands (`Synchronous::Full`).
 pub(crate) fn spawn(
     conn: Connection,
     settings: WriterSettings,
     checkpointer: Checkpointer,
+    syncer: Option<Syncer>,
     wakers: Arc<Wakers>,
     rx: Receiver<Command>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let writer = Writer {
         conn,
         checkpointer,
+        syncer,
         owner: settings.owner,
-        full_sync: settings.synchronous == Synchronous::Full,
-        sync_mode: None,
         lease_ms: millis(settings.lease),
         renew_every: settings.lease / 3,
         poll_interval: settings.poll_interval,
@@ -293,36 +286,36 @@ pub(crate) fn spawn(
         .spawn(move || writer.run(rx))
 }
 
-/// Something to do once the batch's commit is known.
+/// A reply that waits for the batch's commit.
 enum Done {
-    /// Answer after the commit.
+    /// Durable: answered once on disk (after the WAL fsync with `Full`).
     Publish(Reply<(), PublishError>),
     Declare(Reply<(), DeclareError>),
+    Close(Option<oneshot::Sender<()>>),
+    /// Answered once committed.
     AddConsumer(Reply<(), ConsumeError>, String),
     Flush(oneshot::Sender<()>),
-    Close(Option<oneshot::Sender<()>>),
-    /// A settlement already answered: run it again if the commit fails.
-    Settled(LeaseId, QueueName, Settlement),
+    Settle(
+        Reply<(), SettleError>,
+        Result<(), SettleError>,
+        LeaseId,
+        QueueName,
+    ),
 }
 
 /// How long to wait before retrying internal commands after a failure.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
-/// How long a batch that nobody waits on (leases, settlements, releases)
-/// stays open for more commands before it commits: a consumer then goes
-/// through many lease → ack cycles per commit. Bounds how much settling a
-/// crash can undo (those messages are delivered again).
+/// How long a batch that nobody waits on (leases, releases, buffered
+/// publishes) stays open for more commands before it commits.
 const LINGER: Duration = Duration::from_millis(5);
 
 struct Writer {
     conn: Connection,
     checkpointer: Checkpointer,
+    syncer: Option<Syncer>,
     /// This transport's id, written into `lease_owner`.
     owner: i64,
-    /// Configured `synchronous = FULL`.
-    full_sync: bool,
-    /// The `synchronous` level set on the connection: `Some(true)` = FULL.
-    sync_mode: Option<bool>,
     lease_ms: i64,
     renew_every: Duration,
     poll_interval: Duration,
@@ -358,9 +351,8 @@ struct Writer {
     /// rows already handed out. A row released behind it is found by the
     /// next transaction.
     cursors: HashMap<(QueueName, i64), (i64, i64)>,
-    /// Internal commands (releases, settlements already answered, consumer
-    /// removals) to run again after their transaction failed: they must not
-    /// be lost.
+    /// Internal commands (releases, consumer removals) to run again after
+    /// their transaction failed: they must not be lost.
     retry: Vec<Command>,
 }
 
@@ -368,16 +360,11 @@ impl Writer {
     fn run(mut self, rx: Receiver<Command>) {
         let mut last_poll = Instant::now();
         let mut last_renew = Instant::now();
-        // A command that needs a durable commit, held back from a batch
-        // committing without fsync.
-        let mut carry: Option<Command> = None;
         loop {
             let mut batch: VecDeque<Command> = std::mem::take(&mut self.retry).into();
             if !batch.is_empty() {
                 std::thread::sleep(RETRY_PAUSE);
-            }
-            batch.extend(carry.take());
-            if batch.is_empty() {
+            } else {
                 let deadline = self.next_deadline(last_poll, last_renew);
                 let first = match deadline {
                     None => match rx.recv() {
@@ -393,13 +380,6 @@ impl Writer {
                 };
                 batch.extend(first);
             }
-            // Take what is queued now, to choose the batch's sync level.
-            while batch.len() < self.max_batch && !batch.iter().any(Command::is_close) {
-                match rx.try_recv() {
-                    Ok(c) => batch.push_back(c),
-                    Err(_) => break,
-                }
-            }
             let renew_due = self.renew_active() && last_renew.elapsed() >= self.renew_every;
             if batch.is_empty() && !renew_due {
                 if self.poll_active() && last_poll.elapsed() >= self.poll_interval {
@@ -412,11 +392,9 @@ impl Writer {
                 last_renew = Instant::now();
             }
             last_poll = Instant::now();
-            let (stop, held_back) = self.run_batch(batch, renew_due, &rx);
-            if stop {
+            if self.run_batch(batch, renew_due, &rx) {
                 return;
             }
-            carry = held_back;
         }
     }
 
@@ -446,16 +424,6 @@ impl Writer {
 
     fn exec<P: Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize> {
         self.conn.prepare_cached(sql)?.execute(params)
-    }
-
-    /// Sets `synchronous` for the next transaction (only between transactions).
-    fn set_sync(&mut self, full: bool) -> rusqlite::Result<()> {
-        if self.sync_mode != Some(full) {
-            let level = if full { "FULL" } else { "NORMAL" };
-            self.conn.pragma_update(None, "synchronous", level)?;
-            self.sync_mode = Some(full);
-        }
-        Ok(())
     }
 
     /// Checks whether another connection committed since the last look; if
@@ -489,29 +457,25 @@ impl Writer {
 
     /// Runs one batch in one transaction: `batch`, then whatever arrives
     /// while it runs, up to `max_batch` commands. Returns whether the thread
-    /// stops, and a command held back for the next batch.
+    /// stops.
     fn run_batch(
         &mut self,
         mut batch: VecDeque<Command>,
         renew: bool,
         rx: &Receiver<Command>,
-    ) -> (bool, Option<Command>) {
+    ) -> bool {
         self.lengths.clear();
         self.touched.clear();
         self.cursors.clear();
         self.pending.clear();
-        let durable = self.full_sync && batch.iter().any(Command::needs_sync);
-        let begun = self
-            .set_sync(durable)
-            .and_then(|()| self.exec("BEGIN IMMEDIATE", []));
-        if let Err(e) = begun {
+        if let Err(e) = self.exec("BEGIN IMMEDIATE", []) {
             tracing::warn!(error = %e, "could not start a write transaction");
             let mut stop = false;
             for command in batch {
                 stop |= command.is_close();
                 command.fail(&e, &mut self.retry);
             }
-            return (stop, None);
+            return stop;
         }
         if let Err(e) = self.check_data_version() {
             tracing::debug!(error = %e, "reading data_version failed");
@@ -519,25 +483,21 @@ impl Writer {
         }
         let mut done = Vec::with_capacity(batch.len());
         let mut stop = false;
-        let mut held_back = None;
         let mut lost: Option<rusqlite::Error> = None;
         let mut executed = 0;
-        // Nobody waits for this batch's commit: keep it open a little for
-        // more commands, and wake consumers at once (they lease through this
-        // same transaction, so they see its changes).
-        let linger_until = (!durable).then(|| Instant::now() + LINGER);
-        let mut commit_now = false;
+        let started = Instant::now();
+        let mut awaited = false;
         loop {
             let command = match batch.pop_front() {
                 Some(command) => command,
-                None if stop || commit_now || executed >= self.max_batch => break,
+                None if stop || executed >= self.max_batch => break,
                 None => match rx.try_recv() {
                     Ok(command) => command,
                     Err(TryRecvError::Disconnected) => break,
+                    Err(TryRecvError::Empty) if awaited => break,
                     Err(TryRecvError::Empty) => {
-                        let left = linger_until.map_or(Duration::ZERO, |at| {
-                            at.saturating_duration_since(Instant::now())
-                        });
+                        // Nobody waits for this commit yet: linger for more.
+                        let left = LINGER.saturating_sub(started.elapsed());
                         if left.is_zero() {
                             break;
                         }
@@ -552,16 +512,14 @@ impl Writer {
                 command.refuse_closed();
                 continue;
             }
-            if !durable && self.full_sync && command.needs_sync() {
-                held_back = Some(command);
-                break;
-            }
             stop |= command.is_close();
-            commit_now |= command.awaits_commit();
+            awaited |= command.awaits_commit();
             let now = self.now();
             self.execute(command, now, &mut done);
             executed += 1;
-            if linger_until.is_some() {
+            if !awaited {
+                // Consumers lease through this same transaction, so they see
+                // its changes already.
                 for queue in &self.touched {
                     self.wakers.bump(queue);
                 }
@@ -601,7 +559,7 @@ impl Writer {
                 let _ = self.exec("ROLLBACK", []);
             }
             self.invalidate_caches();
-            for command in batch.into_iter().chain(held_back.take()) {
+            for command in batch {
                 stop |= command.is_close();
                 command.fail(e, &mut self.retry);
             }
@@ -610,25 +568,54 @@ impl Writer {
         if error.is_none() {
             self.checkpointer.committed();
         }
+        let mut durable: Vec<Waiter> = Vec::new();
         for d in done {
-            self.finish(d, error.as_ref());
+            self.finish(d, error.as_ref(), &mut durable);
+        }
+        if !durable.is_empty() {
+            match &self.syncer {
+                Some(syncer) => syncer.after_sync(durable),
+                None => {
+                    for waiter in durable {
+                        waiter(None);
+                    }
+                }
+            }
         }
         if error.is_none() {
             for queue in self.touched.drain() {
                 self.wakers.bump(&queue);
             }
         }
-        (stop, held_back)
+        stop
     }
 
-    /// Completes what waited for the commit.
-    fn finish(&mut self, done: Done, error: Option<&rusqlite::Error>) {
+    /// Answers what waited for the commit; what also waits for the disk goes
+    /// to `durable`.
+    fn finish(&mut self, done: Done, error: Option<&rusqlite::Error>, durable: &mut Vec<Waiter>) {
         match done {
-            Done::Publish(reply) => {
-                let _ = reply.send(error.map_or(Ok(()), |e| Err(sql_error(e))));
-            }
-            Done::Declare(reply) => {
-                let _ = reply.send(error.map_or(Ok(()), |e| Err(sql_error(e))));
+            Done::Publish(reply) => match error {
+                Some(e) => {
+                    let _ = reply.send(Err(sql_error(e)));
+                }
+                None => durable.push(Box::new(move |synced: Option<&std::io::Error>| {
+                    let _ = reply.send(synced.map_or(Ok(()), |e| Err(io_error(e))));
+                })),
+            },
+            Done::Declare(reply) => match error {
+                Some(e) => {
+                    let _ = reply.send(Err(sql_error(e)));
+                }
+                None => durable.push(Box::new(move |synced: Option<&std::io::Error>| {
+                    let _ = reply.send(synced.map_or(Ok(()), |e| Err(io_error(e))));
+                })),
+            },
+            Done::Close(reply) => {
+                if let Some(reply) = reply {
+                    durable.push(Box::new(move |_: Option<&std::io::Error>| {
+                        let _ = reply.send(());
+                    }));
+                }
             }
             Done::AddConsumer(reply, id) => {
                 if error.is_some() {
@@ -639,21 +626,21 @@ impl Writer {
             Done::Flush(reply) => {
                 let _ = reply.send(());
             }
-            Done::Close(reply) => {
-                if let Some(reply) = reply {
-                    let _ = reply.send(());
-                }
-            }
-            Done::Settled(lease, queue, settlement) => {
-                if error.is_some() {
-                    // Answered already: it must happen.
-                    self.retry.push(Command::Settle {
+            Done::Settle(reply, result, lease, queue) => {
+                let result = match error {
+                    Some(e) => Err(sql_error(e)),
+                    None => result,
+                };
+                if matches!(result, Err(SettleError::Backend { .. })) {
+                    // Not settled, and the application lets go of the
+                    // delivery: return it, or renewal would keep it forever.
+                    self.retry.push(Command::Release {
                         lease,
                         queue,
-                        settlement,
-                        reply: None,
+                        undelivered: false,
                     });
                 }
+                let _ = reply.send(result);
             }
         }
     }
@@ -765,35 +752,9 @@ impl Writer {
                 reply,
             } => {
                 let result = self
-                    .settle(lease, &queue, settlement.clone(), now)
+                    .settle(lease, &queue, settlement, now)
                     .map_err(Fail::into_error);
-                match &result {
-                    Ok(()) | Err(SettleError::NoDeadLetterQueue(_)) => {
-                        done.push(Done::Settled(lease, queue, settlement));
-                    }
-                    Err(SettleError::LeaseLost) => {}
-                    Err(_) if reply.is_none() => {
-                        // A settlement answered earlier: it must happen.
-                        self.retry.push(Command::Settle {
-                            lease,
-                            queue,
-                            settlement,
-                            reply: None,
-                        });
-                    }
-                    Err(_) => {
-                        // Not settled, and the application lets go of the
-                        // delivery: return it, or renewal would keep it.
-                        self.retry.push(Command::Release {
-                            lease,
-                            queue,
-                            undelivered: false,
-                        });
-                    }
-                }
-                if let Some(reply) = reply {
-                    let _ = reply.send(result);
-                }
+                done.push(Done::Settle(reply, result, lease, queue));
             }
             Command::Release {
                 lease,
@@ -1546,6 +1507,15 @@ fn lanes(spec: &QueueSpec) -> Vec<i64> {
         Some(max) => (0..=i64::from(max)).rev().collect(),
         None => vec![0],
     }
+}
+
+/// A failed WAL fsync as a busway error: the commit happened, so whether
+/// it survives a power cut is unknown; retrying may store a duplicate.
+fn io_error<E: FromSqlite>(e: &std::io::Error) -> E {
+    E::from_sqlite(rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+        Some(format!("fsync of the WAL failed: {e}")),
+    ))
 }
 
 /// A copy of an SQLite error as a busway error (SQLite errors are not `Clone`).
