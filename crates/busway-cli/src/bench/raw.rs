@@ -6,6 +6,9 @@
 //!   `prefetch` rows per transaction. One connection is shared (SQLite has one
 //!   writer at a time; contending connections would only add busy waits).
 //! - `memory://`: a bounded tokio channel.
+//! - `amqp://`: plain lapin on a queue of its own: persistent publishes with
+//!   publisher confirms, `window` in flight per publisher; consumers with
+//!   `basic.qos(prefetch)` acknowledging each message.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use busway::sqlite::{SqliteConfig, Synchronous};
 use rusqlite::{params, Connection};
+
+mod amqp;
 
 use super::{latency_us, new_histogram, stamped_payload, BenchArgs, Measured};
 
@@ -29,6 +34,7 @@ pub(super) async fn run(args: &BenchArgs) -> anyhow::Result<(&'static str, Measu
             Ok(("raw rusqlite", measured))
         }
         "memory" => Ok(("tokio mpsc", raw_channel(args).await?)),
+        "amqp" | "amqps" => Ok(("raw lapin", amqp::run(args).await?)),
         other => bail!("no raw baseline for `{other}://` yet"),
     }
 }
