@@ -300,3 +300,53 @@ fn dequeue_uses_the_ready_index() -> TestResult {
     assert!(reprepared <= 1, "recompiled {reprepared} times");
     Ok(())
 }
+
+/// Closing, or dropping the last handle, returns held deliveries at once
+/// (not after the lease) to another transport on the same file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_and_drop_release_leases_at_once() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("b.db");
+    let b = SqliteTransport::open(&path)?;
+    let q = declared(&b, "handover").await?;
+    b.publish(Publish::to_queue(q.clone(), Message::new("m", "x")))
+        .await?;
+    for (round, closing) in [true, false].into_iter().enumerate() {
+        let a = SqliteTransport::open(&path)?;
+        let mut sa = a.consume(&q, ConsumeOptions::with_prefetch(1)).await?;
+        let held = next(&mut sa).await?;
+        assert_eq!(held.attempt(), 2 * u32::try_from(round)? + 1);
+        let mut sb = b.consume(&q, ConsumeOptions::with_prefetch(1)).await?;
+        let released_at = Instant::now();
+        if closing {
+            a.close().await;
+            drop(held);
+        } else {
+            // The last handle and the stream go; the delivery is still held.
+            drop(sa);
+            drop(a);
+            std::mem::forget(held);
+        }
+        let d = next(&mut sb).await?;
+        assert!(
+            released_at.elapsed() < Duration::from_secs(5),
+            "returned after {:?}, not at once",
+            released_at.elapsed()
+        );
+        assert_eq!(d.attempt(), 2 * u32::try_from(round)? + 2);
+        // Back to the queue for the next round.
+        drop(d);
+        drop(sb);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.close().await;
+    Ok(())
+}
+
+#[test]
+fn public_types_are_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+    assert_send_sync::<SqliteTransport>();
+    assert_send_sync::<SqliteConfig>();
+    assert_send_sync::<crate::Synchronous>();
+}
