@@ -65,6 +65,17 @@ impl QueueSpec {
         }
     }
 
+    /// The spec of a temporary queue (see
+    /// [`Transport::declare_temporary_queue`](crate::Transport::declare_temporary_queue)):
+    /// not durable, no dead-letter queue, no limits.
+    pub fn temporary(name: QueueName) -> Self {
+        Self {
+            durable: false,
+            dead_letter: None,
+            ..Self::new(name)
+        }
+    }
+
     /// Sets durability.
     pub fn with_durable(mut self, durable: bool) -> Self {
         self.durable = durable;

@@ -164,6 +164,27 @@ pub trait Transport: Send + Sync + 'static {
     /// Declares a queue (and its dead-letter queue). Idempotent for the same spec.
     async fn declare_queue(&self, spec: &QueueSpec) -> Result<(), DeclareError>;
 
+    /// Declares a temporary queue for this transport's own use, such as the
+    /// reply queue of an RPC client: not durable, no dead-letter queue, and
+    /// gone when the transport goes where the backend can arrange it.
+    ///
+    /// The provided implementation declares
+    /// [`QueueSpec::temporary`]`(name)`, which suits in-process backends.
+    /// Brokers override it to tie the queue to the connection (RabbitMQ: an
+    /// exclusive queue, deleted with its connection and declared again on
+    /// reconnect). Backends that can do neither leave an empty queue behind.
+    ///
+    /// ```
+    /// use busway_core::{QueueName, QueueSpec};
+    /// let spec = QueueSpec::temporary(QueueName::new("rpc_reply_0f3a")?);
+    /// assert!(!spec.durable && spec.dead_letter.is_none());
+    /// # Ok::<(), busway_core::NameError>(())
+    /// ```
+    async fn declare_temporary_queue(&self, name: &QueueName) -> Result<(), DeclareError> {
+        self.declare_queue(&QueueSpec::temporary(name.clone()))
+            .await
+    }
+
     /// Binds a queue to a topic pattern. Idempotent.
     async fn bind(&self, binding: &Binding) -> Result<(), DeclareError>;
 

@@ -122,6 +122,8 @@ pub(crate) struct Inner {
     delays: Mutex<HashMap<String, DelayEntry>>,
     delays_by_queue: Mutex<HashMap<QueueName, HashSet<String>>>,
     in_flight: Mutex<HashMap<QueueName, Arc<AtomicU64>>>,
+    /// Temporary queues: declared exclusive, so they go with the connection.
+    exclusive: Mutex<HashSet<QueueName>>,
     /// Connections opened so far (1 after connect; more after recoveries).
     pub(crate) connections_opened: AtomicU64,
 }
@@ -150,6 +152,7 @@ impl Inner {
             delays: Mutex::new(HashMap::new()),
             delays_by_queue: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
+            exclusive: Mutex::new(HashSet::new()),
             connections_opened: AtomicU64::new(0),
         }
     }
@@ -313,6 +316,7 @@ impl Inner {
                 short(spec.name.as_str())?,
                 QueueDeclareOptions {
                     durable: spec.durable,
+                    exclusive: self.is_exclusive(&spec.name),
                     ..Default::default()
                 },
                 queue_arguments(spec, &self.config.dead_letter_exchange),
@@ -488,6 +492,15 @@ impl Inner {
         if let Some(dlq) = spec.dead_letter_spec() {
             specs.entry(dlq.name.clone()).or_insert(dlq);
         }
+    }
+
+    /// Marks `queue` as temporary: declared exclusive from now on.
+    pub(crate) fn mark_exclusive(&self, queue: &QueueName) {
+        lock(&self.exclusive).insert(queue.clone());
+    }
+
+    fn is_exclusive(&self, queue: &QueueName) -> bool {
+        lock(&self.exclusive).contains(queue)
     }
 
     pub(crate) fn register_binding(&self, binding: &Binding) {

@@ -209,6 +209,16 @@ impl Transport for RabbitMqTransport {
         }
     }
 
+    /// An exclusive queue (as the reference RPC clients declare their reply
+    /// queues): only this transport's connection may use it, the broker
+    /// deletes it when the connection closes, and a reconnect declares it
+    /// again, empty.
+    async fn declare_temporary_queue(&self, name: &QueueName) -> Result<(), DeclareError> {
+        self.inner.mark_exclusive(name);
+        self.declare_queue(&QueueSpec::temporary(name.clone()))
+            .await
+    }
+
     async fn bind(&self, binding: &Binding) -> Result<(), DeclareError> {
         if self.inner.is_closed() {
             return Err(DeclareError::Closed);
