@@ -31,6 +31,14 @@
 
 use std::sync::Arc;
 
+mod bus;
+mod handler;
+pub mod pubsub;
+pub mod rpc;
+pub mod tasks;
+mod time;
+
+pub use bus::{Bus, BusStats, SendError, SetupError};
 pub use busway_core::*;
 #[cfg(feature = "memory")]
 pub use busway_memory as memory;
@@ -38,6 +46,10 @@ pub use busway_memory as memory;
 pub use busway_rabbitmq as rabbitmq;
 #[cfg(feature = "sqlite")]
 pub use busway_sqlite as sqlite;
+pub use handler::{HandlerError, RetryPolicy};
+pub use pubsub::Event;
+pub use rpc::{Request, RpcError};
+pub use tasks::{TaskQueue, TASK_QUEUE};
 
 /// The URL used when none is given: an embedded database in the working directory.
 pub const DEFAULT_URL: &str = "sqlite://busway.db";

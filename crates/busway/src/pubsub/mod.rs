@@ -1,0 +1,345 @@
+//! Publish-subscribe: events in the reference shape on topics, received by
+//! subscription groups.
+//!
+//! An event is published to the topic named by its `event_type` (on
+//! RabbitMQ: the `event_bus` topic exchange, routing key = event type). A
+//! group is a durable queue bound with the patterns of its handlers
+//! (`order.*`, `#`): every group gets its own copy of each matching event,
+//! and the members of one group (several processes registering the same
+//! group) share the work.
+
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+
+use busway_core::{
+    Binding, ConsumeOptions, Delivery, Message, Publish, QueueName, QueueSpec, Topic, TopicPattern,
+};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+
+use crate::bus::{lock, Bus, Counters, SendError, SetupError};
+use crate::handler::{reject, run_caught, settle_failure, HandlerError, RetryPolicy};
+
+/// An event in the reference shape:
+/// `{"event_id", "event_type", "aggregate_id", "data", "timestamp", "version", "metadata"}`.
+///
+/// ```
+/// use busway::Event;
+/// let event = Event::new("user.registered", "user_123", serde_json::json!({"email": "a@b.test"}))
+///     .with_version(2)
+///     .with_metadata("source", "signup");
+/// let json = serde_json::to_value(&event)?;
+/// assert_eq!(json["event_type"], "user.registered");
+/// assert_eq!(json["metadata"]["source"], "signup");
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event<D = Value> {
+    /// Unique id (a UUID string).
+    pub event_id: String,
+    /// The type, also the topic it is published to: `user.registered`.
+    pub event_type: String,
+    /// The entity it is about: `user_123`.
+    pub aggregate_id: String,
+    /// The payload.
+    pub data: D,
+    /// When it happened: ISO-8601, UTC (the reference writes no offset).
+    pub timestamp: String,
+    /// The version of the aggregate after this event.
+    pub version: u64,
+    /// Free-form metadata (correlation ids, source, …).
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub metadata: Map<String, Value>,
+}
+
+fn null_as_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Map<String, Value>, D::Error> {
+    Ok(Option::<Map<String, Value>>::deserialize(d)?.unwrap_or_default())
+}
+
+impl<D> Event<D> {
+    /// A new event: fresh id, now, version 1, no metadata.
+    pub fn new(event_type: impl Into<String>, aggregate_id: impl Into<String>, data: D) -> Self {
+        Self {
+            event_id: uuid::Uuid::new_v4().to_string(),
+            event_type: event_type.into(),
+            aggregate_id: aggregate_id.into(),
+            data,
+            timestamp: crate::time::now_iso8601(),
+            version: 1,
+            metadata: Map::new(),
+        }
+    }
+    /// Sets the version.
+    pub fn with_version(mut self, version: u64) -> Self {
+        self.version = version;
+        self
+    }
+    /// Adds a metadata entry.
+    pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+}
+
+type EventFn =
+    Arc<dyn Fn(Event<Value>) -> BoxFuture<'static, Result<(), HandlerError>> + Send + Sync>;
+
+/// The handlers of one group on this bus.
+#[derive(Default)]
+pub(crate) struct GroupTable {
+    handlers: RwLock<Vec<(TopicPattern, EventFn)>>,
+}
+
+impl GroupTable {
+    fn matching(&self, topic: &Topic) -> Vec<EventFn> {
+        self.handlers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(p, _)| p.matches(topic))
+            .map(|(_, h)| h.clone())
+            .collect()
+    }
+}
+
+/// Registering an event handler: optionally set the group's retry policy
+/// and concurrency, then `.await` it.
+#[must_use = "the handler is registered when this is awaited"]
+pub struct RegisterEventHandler {
+    bus: Bus,
+    pattern: String,
+    group: String,
+    handler: EventFn,
+    retry: RetryPolicy,
+    concurrency: usize,
+}
+
+impl std::fmt::Debug for RegisterEventHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisterEventHandler")
+            .field("pattern", &self.pattern)
+            .field("group", &self.group)
+            .field("retry", &self.retry)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RegisterEventHandler {
+    /// How failures are retried before the event is dead-lettered to
+    /// `dead_letter_{group}`. Takes effect with the group's first handler.
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+    /// How many events of the group are handled at once (default 1, in order).
+    /// Takes effect with the group's first handler.
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency.max(1);
+        self
+    }
+}
+
+impl IntoFuture for RegisterEventHandler {
+    type Output = Result<(), SetupError>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<(), SetupError>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(register(self))
+    }
+}
+
+impl Bus {
+    /// Publishes `event` to the topic named by its `event_type`; returns
+    /// once the transport has made it durable.
+    ///
+    /// ```
+    /// use busway::{Bus, Event};
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let bus = Bus::connect("memory://").await?;
+    /// bus.publish_event(&Event::new("order.created", "order_1", serde_json::json!({"total": 12.5}))).await?;
+    /// # Ok(())
+    /// # }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(run()).unwrap();
+    /// ```
+    pub async fn publish_event<D: Serialize>(&self, event: &Event<D>) -> Result<(), SendError> {
+        if self.is_shut_down() {
+            return Err(SendError::ShutDown);
+        }
+        let topic = Topic::new(&event.event_type)?;
+        let message = Message::json(event.event_type.clone(), event)?;
+        self.inner
+            .transport
+            .publish(Publish::to_topic(topic, message))
+            .await?;
+        Ok(())
+    }
+
+    /// Runs `handler` for every event whose type matches `pattern` (`*` one
+    /// word, `#` any number) in subscription group `group`, a durable queue
+    /// of that name. Several handlers may share a group; each event runs
+    /// every matching one. A failure (or panic) is retried with backoff, then
+    /// the event is dead-lettered to `dead_letter_{group}` with the reason;
+    /// a body that is not an event, or whose `data` does not decode as `D`,
+    /// is dead-lettered at once.
+    ///
+    /// ```
+    /// use busway::{Bus, Event};
+    /// use serde::Deserialize;
+    ///
+    /// #[derive(Deserialize)]
+    /// struct Registered { email: String }
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let bus = Bus::connect("memory://").await?;
+    /// bus.register_event_handler("user.*", "welcome_emails", |event: Event<Registered>| async move {
+    ///     println!("welcome, {}", event.data.email);
+    ///     Ok(())
+    /// })
+    /// .await?;
+    /// # Ok(())
+    /// # }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(run()).unwrap();
+    /// ```
+    pub fn register_event_handler<D, F, Fut>(
+        &self,
+        pattern: &str,
+        group: &str,
+        handler: F,
+    ) -> RegisterEventHandler
+    where
+        D: DeserializeOwned + Send + 'static,
+        F: Fn(Event<D>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let erased: EventFn = Arc::new(move |event: Event<Value>| {
+            let handler = handler.clone();
+            async move {
+                let Event {
+                    event_id,
+                    event_type,
+                    aggregate_id,
+                    data,
+                    timestamp,
+                    version,
+                    metadata,
+                } = event;
+                let data: D = serde_json::from_value(data).map_err(|e| {
+                    HandlerError::permanent(format!("event data does not fit the handler: {e}"))
+                })?;
+                handler(Event {
+                    event_id,
+                    event_type,
+                    aggregate_id,
+                    data,
+                    timestamp,
+                    version,
+                    metadata,
+                })
+                .await
+            }
+            .boxed()
+        });
+        RegisterEventHandler {
+            bus: self.clone(),
+            pattern: pattern.to_owned(),
+            group: group.to_owned(),
+            handler: erased,
+            retry: RetryPolicy::default(),
+            concurrency: 1,
+        }
+    }
+}
+
+async fn register(reg: RegisterEventHandler) -> Result<(), SetupError> {
+    let bus = reg.bus;
+    if bus.is_shut_down() {
+        return Err(SetupError::ShutDown);
+    }
+    let pattern = TopicPattern::new(&reg.pattern)?;
+    let queue = QueueName::new(&reg.group)?;
+    let transport = &bus.inner.transport;
+    transport
+        .declare_queue(&QueueSpec::new(queue.clone()))
+        .await?;
+    transport
+        .bind(&Binding::new(queue.clone(), pattern.clone()))
+        .await?;
+    let (table, start) = {
+        let mut groups = lock(&bus.inner.groups);
+        match groups.get(&reg.group) {
+            Some(table) => (table.clone(), false),
+            None => {
+                let table = Arc::new(GroupTable::default());
+                groups.insert(reg.group.clone(), table.clone());
+                (table, true)
+            }
+        }
+    };
+    table
+        .handlers
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((pattern, reg.handler));
+    if !start {
+        return Ok(());
+    }
+    let prefetch = u16::try_from(reg.concurrency).unwrap_or(u16::MAX);
+    let stream = match transport
+        .consume(&queue, ConsumeOptions::with_prefetch(prefetch))
+        .await
+    {
+        Ok(stream) => stream,
+        Err(e) => {
+            lock(&bus.inner.groups).remove(&reg.group);
+            return Err(e.into());
+        }
+    };
+    let counters = bus.inner.counters.clone();
+    let retry = Arc::new(reg.retry);
+    bus.spawn_consumer(queue, stream, reg.concurrency, move |delivery| {
+        handle(table.clone(), retry.clone(), counters.clone(), delivery)
+    });
+    Ok(())
+}
+
+async fn handle(
+    table: Arc<GroupTable>,
+    retry: Arc<RetryPolicy>,
+    counters: Arc<Counters>,
+    delivery: Delivery,
+) {
+    if delivery.attempt() > retry.max_attempts {
+        let reason = format!("max attempts ({}) exceeded", retry.max_attempts);
+        return reject(delivery, reason, &counters).await;
+    }
+    let event: Event<Value> = match delivery.message().decode() {
+        Ok(event) => event,
+        Err(e) => {
+            Counters::bump(&counters.malformed);
+            return reject(delivery, format!("malformed event: {e}"), &counters).await;
+        }
+    };
+    let topic = match delivery.topic() {
+        Some(topic) => topic.clone(),
+        None => match Topic::new(&event.event_type) {
+            Ok(topic) => topic,
+            Err(e) => {
+                Counters::bump(&counters.malformed);
+                return reject(delivery, format!("malformed event: {e}"), &counters).await;
+            }
+        },
+    };
+    let what = format!("event `{}`", event.event_type);
+    for handler in table.matching(&topic) {
+        if let Err(error) = run_caught(handler(event.clone()), &counters).await {
+            return settle_failure(delivery, &retry, &what, error, &counters).await;
+        }
+    }
+    let queue = delivery.queue().clone();
+    crate::bus::settle_logged(delivery.ack().await, &queue, "acking an event").await;
+}

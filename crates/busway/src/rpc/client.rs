@@ -1,0 +1,262 @@
+//! The calling side: one reply queue per bus, many calls in flight.
+
+use std::collections::HashMap;
+use std::future::{Future, IntoFuture};
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use busway_core::{
+    ConsumeOptions, Durability, Message, Publish, PublishError, QueueName, CONTENT_TYPE_JSON,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use super::wire::{service_queue, RequestBody, ResponseBody};
+use super::RpcError;
+use crate::bus::{lock, settle_logged, Bus, Counters};
+
+/// How long a call waits for its reply unless told otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The reply queue and the calls waiting on it.
+pub(crate) struct RpcClient {
+    reply_queue: QueueName,
+    pending: Arc<Mutex<HashMap<String, oneshot::Sender<Message>>>>,
+}
+
+impl RpcClient {
+    async fn start(bus: &Bus) -> Result<Arc<Self>, RpcError> {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let reply_queue = QueueName::new(format!("rpc_reply_{}", &id[..16]))?;
+        let transport = &bus.inner.transport;
+        transport.declare_temporary_queue(&reply_queue).await?;
+        let stream = transport
+            .consume(&reply_queue, ConsumeOptions::with_prefetch(256))
+            .await?;
+        let client = Arc::new(Self {
+            reply_queue: reply_queue.clone(),
+            pending: Arc::new(Mutex::new(HashMap::new())),
+        });
+        let pending = client.pending.clone();
+        let counters = bus.inner.counters.clone();
+        bus.spawn_consumer(reply_queue, stream, 256, move |delivery| {
+            let waiter = delivery
+                .message()
+                .correlation_id
+                .as_deref()
+                .and_then(|id| lock(&pending).remove(id));
+            let counters = counters.clone();
+            async move {
+                let queue = delivery.queue().clone();
+                let message = delivery.message().clone();
+                settle_logged(delivery.ack().await, &queue, "acking a reply").await;
+                let delivered = match waiter {
+                    Some(waiter) => waiter.send(message).is_ok(),
+                    None => false,
+                };
+                if !delivered {
+                    Counters::bump(&counters.late_replies);
+                    tracing::debug!(queue = %queue, "dropped a late or unknown reply");
+                }
+            }
+        });
+        Ok(client)
+    }
+
+    /// Fails every waiting call (their senders are dropped).
+    pub(crate) fn fail_pending(&self) {
+        lock(&self.pending).clear();
+    }
+}
+
+/// Removes a call's entry however its future ends (reply, timeout, drop).
+struct PendingGuard {
+    pending: Arc<Mutex<HashMap<String, oneshot::Sender<Message>>>>,
+    correlation_id: String,
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        lock(&self.pending).remove(&self.correlation_id);
+    }
+}
+
+/// A call being prepared: set a [`timeout`](Self::timeout), then `.await` it
+/// for the typed result. It owns what it needs, so it can also be spawned
+/// or joined with others (the reference `call_async` / `call_batch`).
+///
+/// ```
+/// use busway::{Bus, RpcError};
+/// use std::future::IntoFuture;
+/// use std::time::Duration;
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let bus = Bus::connect("memory://").await?;
+/// bus.register_request_handler("echo", "say", |s: String| async move { Ok(s) }).await?;
+/// let calls = (0..3).map(|i| bus.request::<String>("echo", "say", &format!("hi {i}")).timeout(Duration::from_secs(5)).into_future());
+/// let replies = futures::future::try_join_all(calls).await?;
+/// assert_eq!(replies[2], "hi 2");
+///
+/// let err = bus.request::<String>("echo", "shout", &"hi").await.unwrap_err();
+/// assert!(matches!(err, RpcError::Remote { .. }));
+/// # Ok(())
+/// # }
+/// # tokio::runtime::Runtime::new().unwrap().block_on(run()).unwrap();
+/// ```
+#[must_use = "a request does nothing until it is awaited"]
+pub struct Request<T> {
+    bus: Bus,
+    service: String,
+    method: String,
+    params: Result<Value, serde_json::Error>,
+    timeout: Duration,
+    _reply: PhantomData<fn() -> T>,
+}
+
+impl<T> std::fmt::Debug for Request<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("service", &self.service)
+            .field("method", &self.method)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> Request<T> {
+    /// Gives up with [`RpcError::Timeout`] after `timeout` (default 30 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+}
+
+impl<T: DeserializeOwned + Send + 'static> IntoFuture for Request<T> {
+    type Output = Result<T, RpcError>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<T, RpcError>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(call(self))
+    }
+}
+
+impl Bus {
+    /// Calls `method` of `service` with `params` and decodes the reply's
+    /// `data` as `T`. Sent in the reference format to queue `rpc_{service}`
+    /// with a correlation id and this bus's reply queue; see [`Request`].
+    pub fn request<T: DeserializeOwned>(
+        &self,
+        service: &str,
+        method: &str,
+        params: &(impl Serialize + ?Sized),
+    ) -> Request<T> {
+        Request {
+            bus: self.clone(),
+            service: service.to_owned(),
+            method: method.to_owned(),
+            params: serde_json::to_value(params),
+            timeout: DEFAULT_TIMEOUT,
+            _reply: PhantomData,
+        }
+    }
+
+    /// The reference name for [`request`](Self::request), untyped: the reply's `data` as JSON.
+    pub fn send_request(
+        &self,
+        service: &str,
+        method: &str,
+        params: &(impl Serialize + ?Sized),
+    ) -> Request<Value> {
+        self.request(service, method, params)
+    }
+
+    async fn rpc_client(&self) -> Result<&Arc<RpcClient>, RpcError> {
+        self.inner
+            .rpc_client
+            .get_or_try_init(|| RpcClient::start(self))
+            .await
+    }
+}
+
+async fn call<T: DeserializeOwned>(request: Request<T>) -> Result<T, RpcError> {
+    let Request {
+        bus,
+        service,
+        method,
+        params,
+        timeout,
+        ..
+    } = request;
+    if bus.is_shut_down() {
+        return Err(RpcError::ShutDown);
+    }
+    let params = params.map_err(|e| {
+        RpcError::Encode(busway_core::CodecError::Encode {
+            content_type: CONTENT_TYPE_JSON,
+            message: e.to_string(),
+        })
+    })?;
+    let queue = service_queue(&service)?;
+    let client = bus.rpc_client().await?;
+    let correlation_id = uuid::Uuid::new_v4().to_string();
+    let body = RequestBody {
+        method: method.clone(),
+        params,
+        timestamp: Some(crate::time::now_iso8601()),
+    };
+    let message = Message::json("rpc_request", &body)
+        .map_err(RpcError::Encode)?
+        .with_correlation_id(correlation_id.clone())
+        .with_reply_to(client.reply_queue.as_str())
+        .with_ttl(timeout);
+    let (tx, rx) = oneshot::channel();
+    lock(&client.pending).insert(correlation_id.clone(), tx);
+    let _guard = PendingGuard {
+        pending: client.pending.clone(),
+        correlation_id,
+    };
+    let exchange = async {
+        bus.inner
+            .transport
+            .publish_batch(
+                vec![Publish::to_queue(queue, message)],
+                Durability::Buffered,
+            )
+            .await
+            .map_err(|e| match e {
+                PublishError::QueueNotFound(_) => RpcError::NoSuchService(service.clone()),
+                e => RpcError::Publish(e),
+            })?;
+        rx.await.map_err(|_| RpcError::ShutDown)
+    };
+    let reply = match tokio::time::timeout(timeout, exchange).await {
+        Ok(reply) => reply?,
+        Err(_) => {
+            return Err(RpcError::Timeout {
+                service,
+                method,
+                timeout,
+            })
+        }
+    };
+    let decode_error = |message: String| RpcError::Decode {
+        service: service.clone(),
+        method: method.clone(),
+        message,
+    };
+    let response: ResponseBody = reply.decode().map_err(|e| decode_error(e.to_string()))?;
+    match response {
+        ResponseBody::Success { data } => {
+            serde_json::from_value(data).map_err(|e| decode_error(e.to_string()))
+        }
+        ResponseBody::Error { message } => Err(RpcError::Remote {
+            service,
+            method,
+            message,
+        }),
+    }
+}

@@ -1,0 +1,286 @@
+//! The serving side: method routing on queue `rpc_{service}`.
+
+use std::collections::HashMap;
+use std::future::{Future, IntoFuture};
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+
+use busway_core::{ConsumeOptions, Delivery, Durability, Message, Publish, QueueName, QueueSpec};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::wire::{service_queue, RequestBody, ResponseBody};
+use crate::bus::{lock, settle_logged, Bus, Counters, SetupError};
+use crate::handler::{panic_message, HandlerError};
+
+type Method = Arc<dyn Fn(Value) -> BoxFuture<'static, Result<Value, String>> + Send + Sync>;
+
+/// The methods of one service on this bus.
+#[derive(Default)]
+pub(crate) struct MethodTable {
+    methods: RwLock<HashMap<String, Method>>,
+}
+
+impl MethodTable {
+    fn get(&self, method: &str) -> Option<Method> {
+        self.methods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(method)
+            .cloned()
+    }
+    fn insert(&self, name: String, method: Method) {
+        self.methods
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name, method);
+    }
+}
+
+/// How long a reply outlives its request's deadline.
+const LATE_REPLY_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The default number of requests a service handles at once.
+pub const DEFAULT_RPC_CONCURRENCY: usize = 16;
+
+/// Registering a request handler: optionally set the service's
+/// [`concurrency`](Self::concurrency), then `.await` it.
+#[must_use = "the handler is registered when this is awaited"]
+pub struct RegisterRequestHandler {
+    bus: Bus,
+    service: String,
+    method: String,
+    handler: Method,
+    concurrency: usize,
+}
+
+impl std::fmt::Debug for RegisterRequestHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisterRequestHandler")
+            .field("service", &self.service)
+            .field("method", &self.method)
+            .field("concurrency", &self.concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RegisterRequestHandler {
+    /// How many requests of this service run at once (default
+    /// [`DEFAULT_RPC_CONCURRENCY`]). Takes effect with the service's first
+    /// handler, which starts its consumer.
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency.max(1);
+        self
+    }
+}
+
+impl IntoFuture for RegisterRequestHandler {
+    type Output = Result<(), SetupError>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<(), SetupError>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(register(self))
+    }
+}
+
+impl Bus {
+    /// Serves `method` of `service`: requests arriving on queue
+    /// `rpc_{service}` (declared as the reference does: not durable, no
+    /// arguments) with `"method": method` have their `params` decoded as `P`
+    /// and passed to `handler`; its result is sent back as
+    /// `{"status":"success","data":…}`. Unknown methods, params that do not
+    /// decode, handler errors and panics are answered with
+    /// `{"status":"error","message":…}`, and the service keeps serving.
+    ///
+    /// ```
+    /// use busway::{Bus, HandlerError};
+    /// use serde::{Deserialize, Serialize};
+    ///
+    /// #[derive(Deserialize)]
+    /// struct GetUser { user_id: u64 }
+    /// #[derive(Serialize, Deserialize)]
+    /// struct User { id: u64, name: String }
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let bus = Bus::connect("memory://").await?;
+    /// bus.register_request_handler("user_service", "get_user", |q: GetUser| async move {
+    ///     if q.user_id == 0 {
+    ///         return Err(HandlerError::new("no such user"));
+    ///     }
+    ///     Ok(User { id: q.user_id, name: "Ann".into() })
+    /// })
+    /// .concurrency(4)
+    /// .await?;
+    /// let user: User = bus.request("user_service", "get_user", &serde_json::json!({"user_id": 7})).await?;
+    /// assert_eq!(user.name, "Ann");
+    /// # Ok(())
+    /// # }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(run()).unwrap();
+    /// ```
+    pub fn register_request_handler<P, R, F, Fut>(
+        &self,
+        service: &str,
+        method: &str,
+        handler: F,
+    ) -> RegisterRequestHandler
+    where
+        P: DeserializeOwned + Send + 'static,
+        R: Serialize + Send + 'static,
+        F: Fn(P) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, HandlerError>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let name = method.to_owned();
+        let erased: Method = Arc::new(move |params: Value| {
+            let handler = handler.clone();
+            let name = name.clone();
+            async move {
+                let params: P = serde_json::from_value(params)
+                    .map_err(|e| format!("invalid params for `{name}`: {e}"))?;
+                let result = handler(params).await.map_err(|e| e.to_string())?;
+                serde_json::to_value(result)
+                    .map_err(|e| format!("could not encode the result of `{name}`: {e}"))
+            }
+            .boxed()
+        });
+        RegisterRequestHandler {
+            bus: self.clone(),
+            service: service.to_owned(),
+            method: method.to_owned(),
+            handler: erased,
+            concurrency: DEFAULT_RPC_CONCURRENCY,
+        }
+    }
+}
+
+async fn register(reg: RegisterRequestHandler) -> Result<(), SetupError> {
+    let bus = reg.bus;
+    if bus.is_shut_down() {
+        return Err(SetupError::ShutDown);
+    }
+    let queue = service_queue(&reg.service)?;
+    let (table, start) = {
+        let mut services = lock(&bus.inner.services);
+        match services.get(&reg.service) {
+            Some(table) => (table.clone(), false),
+            None => {
+                let table = Arc::new(MethodTable::default());
+                services.insert(reg.service.clone(), table.clone());
+                (table, true)
+            }
+        }
+    };
+    table.insert(reg.method, reg.handler);
+    if !start {
+        return Ok(());
+    }
+    let started = async {
+        let transport = &bus.inner.transport;
+        transport
+            .declare_queue(
+                &QueueSpec::new(queue.clone())
+                    .with_durable(false)
+                    .with_dead_letter(None),
+            )
+            .await?;
+        let prefetch = u16::try_from(reg.concurrency).unwrap_or(u16::MAX);
+        Ok::<_, SetupError>(
+            transport
+                .consume(&queue, ConsumeOptions::with_prefetch(prefetch))
+                .await?,
+        )
+    }
+    .await;
+    let stream = match started {
+        Ok(stream) => stream,
+        Err(e) => {
+            lock(&bus.inner.services).remove(&reg.service);
+            return Err(e);
+        }
+    };
+    let server = bus.clone();
+    bus.spawn_consumer(queue, stream, reg.concurrency, move |delivery| {
+        serve(server.clone(), table.clone(), delivery)
+    });
+    Ok(())
+}
+
+/// Answers one request, then acks it. Never fails: every problem becomes an
+/// error response (or, without a `reply_to`, a log line and a count).
+async fn serve(bus: Bus, table: Arc<MethodTable>, delivery: Delivery) {
+    let counters = &bus.inner.counters;
+    let message = delivery.message();
+    let response = match message.decode::<RequestBody>() {
+        Err(e) => {
+            Counters::bump(&counters.malformed);
+            ResponseBody::Error {
+                message: format!("malformed request: {e}"),
+            }
+        }
+        Ok(request) => match table.get(&request.method) {
+            None => ResponseBody::Error {
+                message: format!("unknown method: {}", request.method),
+            },
+            Some(method) => match AssertUnwindSafe(method(request.params))
+                .catch_unwind()
+                .await
+            {
+                Ok(Ok(data)) => ResponseBody::Success { data },
+                Ok(Err(message)) => ResponseBody::Error { message },
+                Err(panic) => {
+                    Counters::bump(&counters.panics);
+                    ResponseBody::Error {
+                        message: panic_message(panic.as_ref()),
+                    }
+                }
+            },
+        },
+    };
+    if matches!(response, ResponseBody::Error { .. }) {
+        Counters::bump(&counters.rpc_errors);
+    }
+    reply(&bus, message, &response).await;
+    let queue = delivery.queue().clone();
+    settle_logged(delivery.ack().await, &queue, "acking a request").await;
+}
+
+async fn reply(bus: &Bus, request: &Message, response: &ResponseBody) {
+    let Some(reply_to) = request.reply_to.as_deref() else {
+        tracing::warn!(kind = %request.kind, "request without reply_to; nothing to answer");
+        return;
+    };
+    let queue = match QueueName::new(reply_to) {
+        Ok(q) => q,
+        Err(e) => {
+            tracing::warn!(reply_to, error = %e, "cannot reply to this address");
+            return;
+        }
+    };
+    let mut message = match Message::json("rpc_response", response) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!(error = %e, "encoding a response failed");
+            return;
+        }
+    };
+    message.correlation_id = request.correlation_id.clone();
+    // Kept a while past the caller's deadline so a late reply is still seen
+    // (and counted) by a live caller, but never piles up for a gone one.
+    message.expires_at = request.expires_at.map(|at| at + LATE_REPLY_GRACE);
+    let sent = bus
+        .inner
+        .transport
+        .publish_batch(
+            vec![Publish::to_queue(queue, message)],
+            Durability::Buffered,
+        )
+        .await;
+    if let Err(e) = sent {
+        // The caller is gone (its reply queue with it) or the transport failed.
+        tracing::debug!(reply_to, error = %e, "a reply could not be delivered");
+    }
+}

@@ -1,0 +1,375 @@
+//! Work queues: tasks in the reference shape on a durable queue, run by
+//! competing workers with retries and a dead-letter queue.
+//!
+//! The queue (default [`TASK_QUEUE`], `task_queue`) is declared exactly as
+//! the reference declares it: durable, `x-message-ttl` 24 h, dead letters to
+//! `dead_letter_exchange` / `dead_letter_{queue}`. A task is published to it
+//! with body `{"type", "params", "timestamp", "priority"}` and the priority
+//! also set on the message.
+
+use std::collections::HashMap;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use busway_core::{ConsumeOptions, Delivery, Message, Priority, Publish, QueueName, QueueSpec};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::OnceCell;
+use uuid::Uuid;
+
+use crate::bus::{lock, Bus, Counters, SendError, SetupError};
+use crate::handler::{reject, run_caught, settle_failure, HandlerError, RetryPolicy};
+
+/// The reference task queue's name.
+pub const TASK_QUEUE: &str = "task_queue";
+
+/// How long a task waits in the queue before it expires (the reference's `x-message-ttl`).
+pub const TASK_TTL: Duration = Duration::from_secs(86_400);
+
+/// The reference task body.
+#[derive(Debug, Serialize, Deserialize)]
+struct TaskBody {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    params: Value,
+    #[serde(default)]
+    timestamp: Option<String>,
+    #[serde(default)]
+    priority: Option<i64>,
+}
+
+type TaskFn = Arc<dyn Fn(Value) -> BoxFuture<'static, Result<(), HandlerError>> + Send + Sync>;
+
+/// The handlers and declaration state of one task queue on a bus.
+#[derive(Default)]
+pub(crate) struct TaskQueueState {
+    handlers: RwLock<HashMap<String, TaskFn>>,
+    declared: OnceCell<()>,
+}
+
+/// A work queue on a [`Bus`]: register handlers per task type, start
+/// workers, submit tasks. [`Bus::task_queue`] opens one by name; the `Bus`
+/// methods [`register_task_handler`](Bus::register_task_handler),
+/// [`start_task_workers`](Bus::start_task_workers) and
+/// [`submit_task`](Bus::submit_task) use the reference [`TASK_QUEUE`].
+///
+/// ```
+/// use busway::{Bus, RetryPolicy};
+/// use serde::Deserialize;
+///
+/// #[derive(Deserialize)]
+/// struct SendEmail { email: String }
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let bus = Bus::connect("memory://").await?;
+/// let emails = bus.task_queue("email_tasks")?;
+/// emails.register_handler("send_email", |task: SendEmail| async move {
+///     println!("sending to {}", task.email);
+///     Ok(())
+/// });
+/// emails.start_workers().workers(2).retry(RetryPolicy::default().with_max_attempts(3)).await?;
+/// emails.submit("send_email", &serde_json::json!({"email": "a@b.test"})).priority(5).await?;
+/// # bus.shutdown().await;
+/// # Ok(())
+/// # }
+/// # tokio::runtime::Runtime::new().unwrap().block_on(run()).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct TaskQueue {
+    bus: Bus,
+    queue: QueueName,
+    state: Arc<TaskQueueState>,
+}
+
+impl std::fmt::Debug for TaskQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskQueue")
+            .field("queue", &self.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Bus {
+    /// The work queue `name` (declared on first use with the reference arguments).
+    pub fn task_queue(&self, name: &str) -> Result<TaskQueue, busway_core::NameError> {
+        Ok(self.task_queue_named(QueueName::new(name)?))
+    }
+
+    fn task_queue_named(&self, queue: QueueName) -> TaskQueue {
+        let state = lock(&self.inner.task_queues)
+            .entry(queue.clone())
+            .or_default()
+            .clone();
+        TaskQueue {
+            bus: self.clone(),
+            queue,
+            state,
+        }
+    }
+
+    fn default_task_queue(&self) -> TaskQueue {
+        match QueueName::new(TASK_QUEUE) {
+            Ok(queue) => self.task_queue_named(queue),
+            Err(_) => unreachable!("`task_queue` is a valid queue name"),
+        }
+    }
+
+    /// Registers `handler` for tasks of type `task_type` on `task_queue`;
+    /// see [`TaskQueue::register_handler`].
+    pub fn register_task_handler<P, F, Fut>(&self, task_type: &str, handler: F)
+    where
+        P: DeserializeOwned + Send + 'static,
+        F: Fn(P) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        self.default_task_queue()
+            .register_handler(task_type, handler);
+    }
+
+    /// Starts workers on `task_queue`; see [`TaskQueue::start_workers`].
+    pub fn start_task_workers(&self) -> StartWorkers {
+        self.default_task_queue().start_workers()
+    }
+
+    /// Submits a task to `task_queue`; see [`TaskQueue::submit`].
+    pub fn submit_task(&self, task_type: &str, params: &(impl Serialize + ?Sized)) -> SubmitTask {
+        self.default_task_queue().submit(task_type, params)
+    }
+}
+
+impl TaskQueue {
+    /// The queue's name.
+    pub fn name(&self) -> &QueueName {
+        &self.queue
+    }
+
+    /// Runs `handler` for tasks of type `task_type`, with `params` decoded
+    /// as `P`. Replaces an earlier handler of that type. Register every type
+    /// before starting workers: a task whose type has no handler is
+    /// dead-lettered at once.
+    pub fn register_handler<P, F, Fut>(&self, task_type: &str, handler: F)
+    where
+        P: DeserializeOwned + Send + 'static,
+        F: Fn(P) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let name = task_type.to_owned();
+        let erased: TaskFn = Arc::new(move |params: Value| {
+            let handler = handler.clone();
+            let name = name.clone();
+            async move {
+                let params: P = serde_json::from_value(params).map_err(|e| {
+                    HandlerError::permanent(format!("invalid params for task `{name}`: {e}"))
+                })?;
+                handler(params).await
+            }
+            .boxed()
+        });
+        self.state
+            .handlers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(task_type.to_owned(), erased);
+    }
+
+    /// Starts the workers (configure, then `.await`).
+    pub fn start_workers(&self) -> StartWorkers {
+        StartWorkers {
+            queue: self.clone(),
+            workers: 4,
+            prefetch: 1,
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    /// Submits a task of type `task_type` with `params` (configure, then
+    /// `.await` for the message id).
+    pub fn submit(&self, task_type: &str, params: &(impl Serialize + ?Sized)) -> SubmitTask {
+        SubmitTask {
+            queue: self.clone(),
+            task_type: task_type.to_owned(),
+            params: serde_json::to_value(params),
+            priority: Priority::MIN,
+            delay: None,
+        }
+    }
+
+    async fn declare(&self) -> Result<(), busway_core::DeclareError> {
+        self.state
+            .declared
+            .get_or_try_init(|| async {
+                let spec = QueueSpec::new(self.queue.clone()).with_message_ttl(TASK_TTL);
+                self.bus.inner.transport.declare_queue(&spec).await
+            })
+            .await
+            .map(|_| ())
+    }
+
+    fn handler(&self, task_type: &str) -> Option<TaskFn> {
+        self.state
+            .handlers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(task_type)
+            .cloned()
+    }
+}
+
+/// Starting workers: set their number, prefetch and retry policy, then `.await`.
+#[must_use = "the workers start when this is awaited"]
+#[derive(Debug)]
+pub struct StartWorkers {
+    queue: TaskQueue,
+    workers: usize,
+    prefetch: u16,
+    retry: RetryPolicy,
+}
+
+impl StartWorkers {
+    /// How many workers (consumers handling one task at a time; default 4).
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers.max(1);
+        self
+    }
+    /// How many tasks each worker may hold unsettled (default 1, as the reference).
+    pub fn prefetch(mut self, prefetch: u16) -> Self {
+        self.prefetch = prefetch.max(1);
+        self
+    }
+    /// How failures are retried before the task is dead-lettered.
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+}
+
+impl IntoFuture for StartWorkers {
+    type Output = Result<(), SetupError>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<(), SetupError>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let queue = self.queue;
+            if queue.bus.is_shut_down() {
+                return Err(SetupError::ShutDown);
+            }
+            queue.declare().await?;
+            let retry = Arc::new(self.retry);
+            for _ in 0..self.workers {
+                let stream = queue
+                    .bus
+                    .inner
+                    .transport
+                    .consume(&queue.queue, ConsumeOptions::with_prefetch(self.prefetch))
+                    .await?;
+                let worker_queue = queue.clone();
+                let retry = retry.clone();
+                queue
+                    .bus
+                    .spawn_consumer(queue.queue.clone(), stream, 1, move |delivery| {
+                        run_task(worker_queue.clone(), retry.clone(), delivery)
+                    });
+            }
+            Ok(())
+        })
+    }
+}
+
+async fn run_task(queue: TaskQueue, retry: Arc<RetryPolicy>, delivery: Delivery) {
+    let counters = queue.bus.inner.counters.clone();
+    if delivery.attempt() > retry.max_attempts {
+        let reason = format!("max attempts ({}) exceeded", retry.max_attempts);
+        return reject(delivery, reason, &counters).await;
+    }
+    let body: TaskBody = match delivery.message().decode() {
+        Ok(body) => body,
+        Err(e) => {
+            Counters::bump(&counters.malformed);
+            return reject(delivery, format!("malformed task: {e}"), &counters).await;
+        }
+    };
+    let Some(handler) = queue.handler(&body.kind) else {
+        let reason = format!("unknown task type: {}", body.kind);
+        return reject(delivery, reason, &counters).await;
+    };
+    let what = format!("task `{}`", body.kind);
+    match run_caught(handler(body.params), &counters).await {
+        Ok(()) => {
+            let name = delivery.queue().clone();
+            crate::bus::settle_logged(delivery.ack().await, &name, "acking a task").await;
+        }
+        Err(error) => settle_failure(delivery, &retry, &what, error, &counters).await,
+    }
+}
+
+/// A task being submitted: set [`priority`](Self::priority) and
+/// [`delay`](Self::delay), then `.await` it for the message id.
+#[must_use = "the task is submitted when this is awaited"]
+#[derive(Debug)]
+pub struct SubmitTask {
+    queue: TaskQueue,
+    task_type: String,
+    params: Result<Value, serde_json::Error>,
+    priority: Priority,
+    delay: Option<Duration>,
+}
+
+impl SubmitTask {
+    /// The priority, 0 (default) to 9; larger values are clamped. Honoured by
+    /// queues with a max priority (the reference `task_queue` has none).
+    pub fn priority(mut self, priority: u8) -> Self {
+        self.priority = Priority::saturating(priority);
+        self
+    }
+    /// Runs the task no earlier than `delay` from now.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = Some(delay);
+        self
+    }
+}
+
+impl IntoFuture for SubmitTask {
+    type Output = Result<Uuid, SendError>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<Uuid, SendError>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let queue = self.queue;
+            if queue.bus.is_shut_down() {
+                return Err(SendError::ShutDown);
+            }
+            let params = self.params.map_err(|e| busway_core::CodecError::Encode {
+                content_type: busway_core::CONTENT_TYPE_JSON,
+                message: e.to_string(),
+            })?;
+            queue.declare().await?;
+            let body = TaskBody {
+                kind: self.task_type.clone(),
+                params,
+                timestamp: Some(crate::time::now_iso8601()),
+                priority: Some(i64::from(self.priority.get())),
+            };
+            let message = Message::json(self.task_type, &body)?.with_priority(self.priority);
+            let id = message.id;
+            let mut publish = Publish::to_queue(queue.queue.clone(), message);
+            if let Some(delay) = self.delay {
+                publish = publish.with_delay(delay);
+            }
+            queue.bus.inner.transport.publish(publish).await?;
+            Ok(id)
+        })
+    }
+}
+
+impl std::fmt::Debug for TaskQueueState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskQueueState").finish_non_exhaustive()
+    }
+}

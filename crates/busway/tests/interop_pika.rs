@@ -1,0 +1,228 @@
+//! The Bus against the reference Python (pika) code on RabbitMQ: a pika RPC
+//! client calls a busway service, a pika-published event reaches a busway
+//! group, a pika-submitted task runs on a busway worker.
+
+mod support;
+
+use std::sync::Arc;
+
+use anyhow::{bail, ensure, Context};
+use busway::{Bus, Event, Transport};
+use serde::Deserialize;
+use support::{unique, PATIENCE};
+use tokio::sync::mpsc;
+
+/// The reference client code, trimmed to what the tests need.
+const PIKA: &str = r#"
+import json, sys, uuid, pika
+from datetime import datetime
+url, mode, target = sys.argv[1], sys.argv[2], sys.argv[3]
+conn = pika.BlockingConnection(pika.URLParameters(url))
+ch = conn.channel()
+if mode == "rpc_call":
+    # RequestResponseClient.call: exclusive reply queue, correlation id.
+    reply_queue = f"rpc_reply_{target}_{uuid.uuid4().hex[:8]}"
+    ch.queue_declare(queue=reply_queue, exclusive=True)
+    correlation_id = str(uuid.uuid4())
+    message = {"method": sys.argv[4], "params": json.loads(sys.argv[5]),
+               "timestamp": datetime.utcnow().isoformat()}
+    ch.basic_publish(exchange='', routing_key=f"rpc_{target}", body=json.dumps(message),
+                     properties=pika.BasicProperties(reply_to=reply_queue,
+                         correlation_id=correlation_id, content_type='application/json',
+                         delivery_mode=2))
+    for method, props, body in ch.consume(reply_queue, auto_ack=True, inactivity_timeout=20):
+        if method is None:
+            print(json.dumps({"timeout": True}))
+            break
+        if props.correlation_id == correlation_id:
+            print(body.decode())
+            break
+elif mode == "publish_event":
+    ch.exchange_declare(exchange='event_bus', exchange_type='topic', durable=True)
+    ch.confirm_delivery()
+    event = {"event_id": str(uuid.uuid4()), "event_type": target, "aggregate_id": "user_123",
+             "data": {"email": "user@example.com", "name": "Ann"},
+             "timestamp": datetime.utcnow().isoformat(), "version": 1, "metadata": None}
+    ch.basic_publish(exchange='event_bus', routing_key=target, body=json.dumps(event),
+                     properties=pika.BasicProperties(delivery_mode=2, content_type='application/json'))
+elif mode == "submit_task":
+    # TaskQueue.connect + submit_task, exactly.
+    ch.queue_declare(queue=target, durable=True, arguments={
+        'x-message-ttl': 86400000,
+        'x-dead-letter-exchange': 'dead_letter_exchange',
+        'x-dead-letter-routing-key': f"dead_letter_{target}"})
+    ch.confirm_delivery()
+    task = {"type": "send_email", "params": {"email": "user1@example.com", "subject": "hi"},
+            "timestamp": datetime.utcnow().isoformat(), "priority": 0}
+    ch.basic_publish(exchange='', routing_key=target, body=json.dumps(task),
+                     properties=pika.BasicProperties(priority=0, delivery_mode=2))
+conn.close()
+"#;
+
+/// Runs the script; `None` when Python or pika is missing and brokers are not required.
+async fn pika(args: &[&str]) -> anyhow::Result<Option<String>> {
+    let out = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(PIKA)
+        .args(args)
+        .output()
+        .await;
+    let missing = |why: String| {
+        if std::env::var("BUSWAY_REQUIRE_BROKERS").as_deref() == Ok("1") {
+            bail!("pika interop required but unavailable: {why}")
+        }
+        eprintln!("skipped: {why}");
+        Ok(None)
+    };
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => return missing(format!("python3: {e}")),
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("No module named 'pika'") {
+        return missing("the pika module is not installed (pip install pika)".into());
+    }
+    ensure!(out.status.success(), "pika script failed: {stderr}");
+    Ok(Some(String::from_utf8_lossy(&out.stdout).trim().to_owned()))
+}
+
+async fn broker() -> anyhow::Result<Option<(String, Arc<dyn Transport>)>> {
+    let Some(url) = support::amqp_url()? else {
+        return Ok(None);
+    };
+    let transport: Arc<dyn Transport> =
+        Arc::new(busway_rabbitmq::RabbitMqTransport::connect(&url).await?);
+    Ok(Some((url, transport)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pika_rpc_client_calls_busway_service() -> anyhow::Result<()> {
+    let Some((url, transport)) = broker().await? else {
+        return Ok(());
+    };
+    let service = unique("user_service");
+    let bus = Bus::new(transport.clone());
+    bus.register_request_handler(
+        &service,
+        "get_user_info",
+        |q: serde_json::Value| async move {
+            Ok(serde_json::json!({"user_id": q["user_id"], "name": "Ann"}))
+        },
+    )
+    .await?;
+    let Some(out) = pika(&[
+        &url,
+        "rpc_call",
+        &service,
+        "get_user_info",
+        r#"{"user_id": 12345}"#,
+    ])
+    .await?
+    else {
+        return Ok(());
+    };
+    let reply: serde_json::Value = serde_json::from_str(&out).context(out.clone())?;
+    ensure!(
+        reply
+            == serde_json::json!({"status": "success", "data": {"user_id": 12345, "name": "Ann"}}),
+        "{reply}"
+    );
+    let Some(out) = pika(&[&url, "rpc_call", &service, "missing", "{}"]).await? else {
+        return Ok(());
+    };
+    let reply: serde_json::Value = serde_json::from_str(&out).context(out.clone())?;
+    ensure!(reply["status"] == "error", "{reply}");
+    ensure!(
+        reply["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("missing")),
+        "{reply}"
+    );
+    bus.shutdown().await;
+    transport.close().await;
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+struct Registered {
+    email: String,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pika_event_reaches_busway_subscriber() -> anyhow::Result<()> {
+    let Some((url, transport)) = broker().await? else {
+        return Ok(());
+    };
+    let event_type = format!("{}.user.registered", unique("interop"));
+    let bus = Bus::new(transport.clone());
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    bus.register_event_handler(
+        &event_type,
+        &unique("welcome"),
+        move |e: Event<Registered>| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(e);
+                Ok(())
+            }
+        },
+    )
+    .await?;
+    if pika(&[&url, "publish_event", &event_type]).await?.is_none() {
+        return Ok(());
+    }
+    let event = tokio::time::timeout(PATIENCE, rx.recv())
+        .await?
+        .context("closed")?;
+    ensure!(event.event_type == event_type, "{event:?}");
+    ensure!(
+        event.aggregate_id == "user_123" && event.version == 1,
+        "{event:?}"
+    );
+    ensure!(event.data.email == "user@example.com", "{event:?}");
+    ensure!(event.metadata.is_empty(), "{event:?}");
+    bus.shutdown().await;
+    transport.close().await;
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+struct SendEmail {
+    email: String,
+    subject: String,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pika_task_runs_on_busway_worker() -> anyhow::Result<()> {
+    let Some((url, transport)) = broker().await? else {
+        return Ok(());
+    };
+    let bus = Bus::new(transport.clone());
+    let tasks = bus.task_queue(&unique("task_queue"))?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tasks.register_handler("send_email", move |t: SendEmail| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(t);
+            Ok(())
+        }
+    });
+    // busway declares first; the reference declaration must be equivalent.
+    tasks.start_workers().workers(2).await?;
+    if pika(&[&url, "submit_task", tasks.name().as_str()])
+        .await?
+        .is_none()
+    {
+        return Ok(());
+    }
+    let task = tokio::time::timeout(PATIENCE, rx.recv())
+        .await?
+        .context("closed")?;
+    ensure!(
+        task.email == "user1@example.com" && task.subject == "hi",
+        "{task:?}"
+    );
+    bus.shutdown().await;
+    transport.close().await;
+    Ok(())
+}

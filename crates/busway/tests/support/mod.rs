@@ -1,0 +1,82 @@
+//! Shared by the pattern tests: backends to run on, unique names, waiting.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use busway::{ConsumeOptions, Delivery, QueueName, Transport};
+use futures::StreamExt;
+
+/// The broker URL from `BUSWAY_TEST_AMQP_URL`. When it is unset the test is
+/// skipped (`Ok(None)`), unless `BUSWAY_REQUIRE_BROKERS=1`, which makes it fail.
+pub(crate) fn amqp_url() -> anyhow::Result<Option<String>> {
+    match std::env::var("BUSWAY_TEST_AMQP_URL") {
+        Ok(url) if !url.is_empty() => Ok(Some(url)),
+        _ if std::env::var("BUSWAY_REQUIRE_BROKERS").as_deref() == Ok("1") => anyhow::bail!(
+            "BUSWAY_TEST_AMQP_URL is not set but BUSWAY_REQUIRE_BROKERS=1 requires the RabbitMQ tests to run"
+        ),
+        _ => {
+            eprintln!("skipped: BUSWAY_TEST_AMQP_URL is not set");
+            Ok(None)
+        }
+    }
+}
+
+/// A transport to run a case on, and what keeps it alive.
+pub(crate) struct Backend {
+    pub(crate) transport: Arc<dyn Transport>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+pub(crate) fn memory() -> Backend {
+    Backend {
+        transport: Arc::new(busway::memory::MemoryTransport::new()),
+        _dir: None,
+    }
+}
+
+pub(crate) async fn sqlite() -> anyhow::Result<Backend> {
+    let dir = tempfile::tempdir()?;
+    let url = format!("sqlite://{}", dir.path().join("bus.db").display());
+    Ok(Backend {
+        transport: busway::connect(&url).await?,
+        _dir: Some(dir),
+    })
+}
+
+pub(crate) async fn rabbitmq() -> anyhow::Result<Option<Backend>> {
+    let Some(url) = amqp_url()? else {
+        return Ok(None);
+    };
+    Ok(Some(Backend {
+        transport: Arc::new(busway_rabbitmq::RabbitMqTransport::connect(&url).await?),
+        _dir: None,
+    }))
+}
+
+/// A name no other test uses.
+pub(crate) fn unique(prefix: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("t_{prefix}_{}", &id[..12])
+}
+
+/// Generous bound on waiting for something that must happen.
+pub(crate) const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The next dead letter of `queue`, acknowledged.
+pub(crate) async fn next_dead_letter(
+    transport: &Arc<dyn Transport>,
+    queue: &QueueName,
+) -> anyhow::Result<Delivery> {
+    let dlq = queue.dead_letter_queue();
+    let mut stream = transport
+        .consume(&dlq, ConsumeOptions::with_prefetch(1))
+        .await?;
+    let delivery = tokio::time::timeout(PATIENCE, stream.next())
+        .await
+        .context("no dead letter arrived")?
+        .context("dead-letter stream ended")??;
+    Ok(delivery)
+}
