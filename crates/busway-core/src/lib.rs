@@ -19,6 +19,7 @@ pub mod headers;
 mod message;
 mod topology;
 mod transport;
+mod url;
 
 pub use address::{Destination, QueueName, Topic, TopicPattern};
 pub use codec::{Codec, CodecError, CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK};
@@ -33,3 +34,4 @@ pub use transport::{
     Capabilities, ConsumeOptions, DeliveryStream, Durability, Publish, QueueStats, Support,
     Transport, DEFAULT_MAX_PAYLOAD_BYTES,
 };
+pub use url::redact_url;

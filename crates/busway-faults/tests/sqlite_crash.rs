@@ -51,14 +51,17 @@ fn spawn(
             let (kind, id) = line.split_once(' ').context("malformed child line")?;
             let id: u64 = id.parse()?;
             let mut c = confirmed.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-            let new = match kind {
-                "P" => c.published.insert(id),
-                "A" => c.acked.insert(id),
-                "D" => c.delivered.insert(id) || true,
+            match kind {
+                "P" => {
+                    c.published.insert(id);
+                }
+                "D" => {
+                    c.delivered.insert(id);
+                }
+                // An ack printed twice would mean one message was acknowledged twice.
+                "A" => ensure!(c.acked.insert(id), "id {id} acknowledged twice"),
                 _ => bail!("unknown line {line}"),
-            };
-            // An ack printed twice would mean one message was acknowledged twice.
-            ensure!(new || kind == "P", "id {id} acknowledged twice");
+            }
         }
         Ok(())
     });

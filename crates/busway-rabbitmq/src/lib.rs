@@ -85,23 +85,6 @@ impl std::fmt::Debug for RabbitMqTransport {
     }
 }
 
-/// `url` with any password replaced by `***`.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            let masked = if userinfo.contains(':') { ":***" } else { "" };
-            format!("{scheme}://{user}{masked}@{host}{tail}")
-        }
-        None => url.to_owned(),
-    }
-}
-
 impl RabbitMqTransport {
     /// Connects with the default [`RabbitMqConfig`].
     ///
@@ -121,7 +104,7 @@ impl RabbitMqTransport {
         let uri: AMQPUri = url
             .parse()
             .map_err(|reason: String| ConnectError::InvalidUrl {
-                url: redact(url),
+                url: busway_core::redact_url(url),
                 reason,
             })?;
         let inner = Arc::new(Inner::new(uri, config));
@@ -306,14 +289,6 @@ mod tests {
     fn transport_is_send_and_sync() {
         fn check<T: Send + Sync + 'static>() {}
         check::<RabbitMqTransport>();
-    }
-
-    #[test]
-    fn redacts_passwords() {
-        assert_eq!(
-            redact("amqp://guest:secret@host:5672/%2f"),
-            "amqp://guest:***@host:5672/%2f"
-        );
     }
 
     #[tokio::test]

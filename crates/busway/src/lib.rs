@@ -94,28 +94,6 @@ pub fn supported_schemes() -> Vec<&'static str> {
     schemes
 }
 
-/// `url` with any password replaced by `***`, safe for logs and errors.
-///
-/// ```
-/// assert_eq!(busway::redact_url("amqp://guest:secret@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");
-/// assert_eq!(busway::redact_url("sqlite://busway.db"), "sqlite://busway.db");
-/// ```
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            let masked = if userinfo.contains(':') { ":***" } else { "" };
-            format!("{scheme}://{user}{masked}@{host}{tail}")
-        }
-        None => url.to_owned(),
-    }
-}
-
 /// The README's examples, compiled as doctests.
 #[doc = include_str!("../../../README.md")]
 #[cfg(doctest)]
