@@ -4,49 +4,11 @@ use std::time::Duration;
 
 use busway_core::DEFAULT_MAX_PAYLOAD_BYTES;
 
-/// The kind of queue a [`RabbitMqTransport`](crate::RabbitMqTransport)
-/// declares for [`QueueSpec`](busway_core::QueueSpec)s and their dead-letter
-/// queues. Temporary (exclusive) queues and the delay queues are always
-/// classic.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum QueueType {
-    /// Classic queues, declared exactly as the reference code declares them
-    /// (no `x-queue-type` argument). The default.
-    #[default]
-    Classic,
-    /// Quorum queues (`x-queue-type: quorum`), replicated over the cluster
-    /// with Raft. They are always durable and, on RabbitMQ 3.x, have no
-    /// priorities: a spec asking for either is refused with
-    /// [`DeclareError::InvalidSpec`](busway_core::DeclareError::InvalidSpec),
-    /// and [`Capabilities::priority`](busway_core::Capabilities::priority) is
-    /// `Unsupported`. `max_attempts` is also set as the broker's
-    /// `x-delivery-limit`.
-    Quorum,
-}
-
-impl QueueType {
-    /// The value of `x-queue-type`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            QueueType::Classic => "classic",
-            QueueType::Quorum => "quorum",
-        }
-    }
-}
-
-impl std::fmt::Display for QueueType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// How a [`RabbitMqTransport`](crate::RabbitMqTransport) names its exchanges,
-/// which queues it declares, and how it behaves during outages. The defaults
-/// speak the reference wire format.
+/// How a [`RabbitMqTransport`](crate::RabbitMqTransport) names its exchanges
+/// and behaves during outages. The defaults speak the reference wire format.
 ///
 /// ```
-/// use busway_rabbitmq::{QueueType, RabbitMqConfig};
+/// use busway_rabbitmq::RabbitMqConfig;
 /// use std::time::Duration;
 ///
 /// let config = RabbitMqConfig::default()
@@ -54,8 +16,6 @@ impl std::fmt::Display for QueueType {
 ///     .with_reconnect_timeout(Duration::from_secs(30));
 /// assert_eq!(config.topic_exchange, "events");
 /// assert_eq!(config.dead_letter_exchange, "dead_letter_exchange");
-/// assert_eq!(config.queue_type, QueueType::Classic);
-/// assert_eq!(config.with_queue_type(QueueType::Quorum).queue_type, QueueType::Quorum);
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -73,9 +33,6 @@ pub struct RabbitMqConfig {
     pub reconnect_timeout: Duration,
     /// The connection name shown in the management UI.
     pub connection_name: String,
-    /// The kind of queue declared for queue specs and their dead-letter
-    /// queues ([`QueueType::Classic`]).
-    pub queue_type: QueueType,
 }
 
 impl Default for RabbitMqConfig {
@@ -87,7 +44,6 @@ impl Default for RabbitMqConfig {
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             reconnect_timeout: Duration::from_secs(10),
             connection_name: "busway".into(),
-            queue_type: QueueType::Classic,
         }
     }
 }
@@ -121,12 +77,6 @@ impl RabbitMqConfig {
     /// Sets the connection name.
     pub fn with_connection_name(mut self, name: impl Into<String>) -> Self {
         self.connection_name = name.into();
-        self
-    }
-    /// Sets the kind of queue declared for queue specs and their
-    /// dead-letter queues.
-    pub fn with_queue_type(mut self, queue_type: QueueType) -> Self {
-        self.queue_type = queue_type;
         self
     }
 }

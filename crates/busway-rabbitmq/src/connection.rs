@@ -16,8 +16,8 @@ use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::time::Instant;
 
-use crate::config::{QueueType, RabbitMqConfig};
-use crate::topology::{queue_arguments, type_arguments, DelayQueue};
+use crate::config::RabbitMqConfig;
+use crate::topology::{queue_arguments, DelayQueue};
 
 /// AMQP reply codes busway reacts to.
 pub(crate) const NOT_FOUND: u16 = 404;
@@ -122,9 +122,6 @@ pub(crate) struct Inner {
     delays: Mutex<HashMap<String, DelayEntry>>,
     delays_by_queue: Mutex<HashMap<QueueName, HashSet<String>>>,
     in_flight: Mutex<HashMap<QueueName, Arc<AtomicU64>>>,
-    /// Consumers cancelled here that still hold unsettled deliveries: a
-    /// quorum queue counts them until those are settled, a classic one not.
-    cancelled: Mutex<HashMap<QueueName, Arc<AtomicU64>>>,
     /// Temporary queues: declared exclusive, so they go with the connection.
     exclusive: Mutex<HashSet<QueueName>>,
     /// Connections opened so far (1 after connect; more after recoveries).
@@ -155,7 +152,6 @@ impl Inner {
             delays: Mutex::new(HashMap::new()),
             delays_by_queue: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
-            cancelled: Mutex::new(HashMap::new()),
             exclusive: Mutex::new(HashSet::new()),
             connections_opened: AtomicU64::new(0),
         }
@@ -323,11 +319,7 @@ impl Inner {
                     exclusive: self.is_exclusive(&spec.name),
                     ..Default::default()
                 },
-                queue_arguments(
-                    spec,
-                    &self.config.dead_letter_exchange,
-                    self.queue_type_for(&spec.name),
-                ),
+                queue_arguments(spec, &self.config.dead_letter_exchange),
             )
             .await?;
             if let Some(dlq) = &spec.dead_letter {
@@ -353,7 +345,7 @@ impl Inner {
                 durable: true,
                 ..Default::default()
             },
-            type_arguments(self.config.queue_type),
+            FieldTable::default(),
         )
         .await?;
         ch.queue_bind(
@@ -507,18 +499,8 @@ impl Inner {
         lock(&self.exclusive).insert(queue.clone());
     }
 
-    pub(crate) fn is_exclusive(&self, queue: &QueueName) -> bool {
+    fn is_exclusive(&self, queue: &QueueName) -> bool {
         lock(&self.exclusive).contains(queue)
-    }
-
-    /// The type `queue` is declared as: the configured one, except for
-    /// temporary queues, which are exclusive and so always classic.
-    pub(crate) fn queue_type_for(&self, queue: &QueueName) -> QueueType {
-        if self.is_exclusive(queue) {
-            QueueType::Classic
-        } else {
-            self.config.queue_type
-        }
     }
 
     pub(crate) fn register_binding(&self, binding: &Binding) {
@@ -528,15 +510,6 @@ impl Inner {
     /// The in-flight counter of `queue`.
     pub(crate) fn in_flight(&self, queue: &QueueName) -> Arc<AtomicU64> {
         lock(&self.in_flight)
-            .entry(queue.clone())
-            .or_default()
-            .clone()
-    }
-
-    /// The counter of this transport's consumers of `queue` that were
-    /// cancelled but still hold unsettled deliveries.
-    pub(crate) fn cancelled(&self, queue: &QueueName) -> Arc<AtomicU64> {
-        lock(&self.cancelled)
             .entry(queue.clone())
             .or_default()
             .clone()

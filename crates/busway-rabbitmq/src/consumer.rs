@@ -55,14 +55,6 @@ enum AckCmd {
     Ack(u64),
     /// Return this tag to the queue.
     Requeue(u64),
-    /// The consumer was cancelled; release this count once nothing it was
-    /// delivered is unsettled (a quorum queue counts it until then).
-    Cancelled(Arc<AtomicU64>),
-}
-
-/// Decrements a counter that is above zero.
-fn decrement(counter: &AtomicU64) {
-    let _ = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
 }
 
 /// Owns the acks of one channel. Tags acked by handlers are sent as one
@@ -73,7 +65,6 @@ async fn ack_task(channel: Channel, mut rx: mpsc::UnboundedReceiver<AckCmd>) {
     let mut outstanding: BTreeSet<u64> = BTreeSet::new();
     let mut ready: BTreeSet<u64> = BTreeSet::new();
     let mut batch = Vec::new();
-    let mut cancelled: Option<Arc<AtomicU64>> = None;
     while rx.recv_many(&mut batch, 1024).await > 0 {
         for cmd in batch.drain(..) {
             match cmd {
@@ -83,11 +74,6 @@ async fn ack_task(channel: Channel, mut rx: mpsc::UnboundedReceiver<AckCmd>) {
                 AckCmd::Ack(tag) => {
                     if outstanding.remove(&tag) {
                         ready.insert(tag);
-                    }
-                }
-                AckCmd::Cancelled(counter) => {
-                    if let Some(previous) = cancelled.replace(counter) {
-                        decrement(&previous);
                     }
                 }
                 AckCmd::Requeue(tag) => {
@@ -125,14 +111,6 @@ async fn ack_task(channel: Channel, mut rx: mpsc::UnboundedReceiver<AckCmd>) {
                 .basic_ack(upto, BasicAckOptions { multiple: !single })
                 .await;
         }
-        if outstanding.is_empty() {
-            if let Some(counter) = cancelled.take() {
-                decrement(&counter);
-            }
-        }
-    }
-    if let Some(counter) = cancelled.take() {
-        decrement(&counter);
     }
     // The consumer and every delivery are gone: send what is left one by one
     // (out-of-order acks), then close; the broker requeues anything unsettled.
@@ -232,7 +210,7 @@ async fn run(inner: Arc<Inner>, queue: QueueName, prefetch: u16, mut sub: Subscr
                 _ = tx.closed() => {
                     // The stream was dropped: stop receiving; deliveries still
                     // held keep the channel open until they are settled.
-                    stop(&inner, &queue, &mut sub).await;
+                    stop(&mut sub).await;
                     return;
                 }
                 _ = wait_closed(&mut closed) => return,
@@ -242,7 +220,7 @@ async fn run(inner: Arc<Inner>, queue: QueueName, prefetch: u16, mut sub: Subscr
                 Some(Ok(d)) => {
                     if let Some(delivery) = admit(&inner, &queue, &sub.guard, d).await {
                         if tx.send(Ok(delivery)).await.is_err() {
-                            stop(&inner, &queue, &mut sub).await;
+                            stop(&mut sub).await;
                             return;
                         }
                     }
@@ -288,11 +266,7 @@ async fn run(inner: Arc<Inner>, queue: QueueName, prefetch: u16, mut sub: Subscr
 
 /// Cancels the consumer and returns what the broker had already sent but
 /// the stream never yielded; deliveries still held stay valid.
-async fn stop(inner: &Inner, queue: &QueueName, sub: &mut Subscription) {
-    // Counted from now; released by the ack task once nothing delivered to
-    // this consumer is unsettled.
-    let cancelled = inner.cancelled(queue);
-    cancelled.fetch_add(1, Ordering::SeqCst);
+async fn stop(sub: &mut Subscription) {
     let _ = sub
         .guard
         .channel
@@ -305,7 +279,6 @@ async fn stop(inner: &Inner, queue: &QueueName, sub: &mut Subscription) {
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
-    let _ = sub.guard.acks.send(AckCmd::Cancelled(cancelled));
 }
 
 /// Turns a broker delivery into a busway one, or settles it here when it
@@ -323,7 +296,10 @@ async fn admit(
         d.routing_key.as_str(),
         &inner.config.topic_exchange,
     );
-    let attempt = decoded.attempt(d.redelivered);
+    let attempt = decoded
+        .prior_attempts
+        .saturating_add(1)
+        .saturating_add(u32::from(d.redelivered));
     let counter = inner.in_flight(queue);
     counter.fetch_add(1, Ordering::SeqCst);
     let tag = d.delivery_tag;

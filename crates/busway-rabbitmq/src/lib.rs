@@ -26,7 +26,6 @@
 //! - **Recovery**: a lost connection is reopened on the next use, the
 //!   topology declared through this transport is declared again, and
 //!   consumers subscribe again.
-//! - **Quorum queues** are opt-in: see below.
 //!
 //! ```no_run
 //! use busway_core::{ConsumeOptions, Message, Publish, QueueName, QueueSpec, Transport};
@@ -49,55 +48,6 @@
 //! # Ok(())
 //! # }
 //! ```
-//!
-//! # Quorum queues
-//!
-//! For replicated deployments, [`RabbitMqConfig::with_queue_type`] with
-//! [`QueueType::Quorum`] declares every queue spec, and its dead-letter
-//! queue, as a quorum queue (`x-queue-type: quorum`). Temporary queues (RPC
-//! reply queues) stay classic and exclusive, and so do the short-lived delay
-//! queues (`busway.delay.…`): a message waiting out a delay is not
-//! replicated until it is back in its quorum queue.
-//!
-//! - `max_attempts` becomes the broker's `x-delivery-limit` as well as
-//!   busway's own count. The broker counts every return of a message
-//!   (`x-delivery-count`), so a handler that keeps crashing sees attempts
-//!   1, 2, 3, … and the message is dead-lettered by busway with the reason,
-//!   origin and attempt count on the delivery after the last allowed one.
-//!   The broker's limit, one return later, catches consumers that are not
-//!   busway; its dead letters read `max attempts exceeded (delivery_limit…)`.
-//! - Quorum queues are always durable, and on RabbitMQ 3.x have no
-//!   priorities: a spec with `durable: false` or a `max_priority` is refused
-//!   with [`DeclareError::InvalidSpec`] naming the reason, and
-//!   [`Capabilities::priority`] is [`Support::Unsupported`]. (The reference
-//!   RPC queue `rpc_{service}` is non-durable; serve RPC through a transport
-//!   with classic queues.)
-//! - Declaring a queue that already exists with the other type fails with an
-//!   error naming both types.
-//!
-//! ```no_run
-//! use busway_core::{QueueName, QueueSpec, Support, Transport};
-//! use busway_rabbitmq::{QueueType, RabbitMqConfig, RabbitMqTransport};
-//!
-//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let config = RabbitMqConfig::default().with_queue_type(QueueType::Quorum);
-//! let transport =
-//!     RabbitMqTransport::connect_with("amqp://guest:guest@127.0.0.1:5672/%2f", config).await?;
-//! assert_eq!(transport.capabilities().priority, Support::Unsupported);
-//! // A quorum queue with `x-delivery-limit: 5`, dead-lettering to the quorum
-//! // queue `dead_letter_orders`.
-//! let queue = QueueName::new("orders")?;
-//! transport
-//!     .declare_queue(&QueueSpec::new(queue).with_max_attempts(5))
-//!     .await?;
-//! // Priorities need classic queues.
-//! let refused = transport
-//!     .declare_queue(&QueueSpec::new(QueueName::new("urgent")?).with_max_priority(9))
-//!     .await;
-//! assert!(matches!(refused, Err(busway_core::DeclareError::InvalidSpec { .. })));
-//! # Ok(())
-//! # }
-//! ```
 
 mod config;
 mod connection;
@@ -116,10 +66,10 @@ use busway_core::{
 };
 use lapin::uri::AMQPUri;
 
-pub use config::{QueueType, RabbitMqConfig};
+pub use config::RabbitMqConfig;
 
 use connection::{reply_code, reply_text, Fail, Inner, NOT_FOUND, PRECONDITION_FAILED};
-use topology::{existing_from_reply, queue_type_conflict, type_refusal};
+use topology::existing_from_reply;
 
 /// A [`Transport`] on RabbitMQ. Cheap to clone; clones share the connection.
 #[derive(Clone)]
@@ -197,10 +147,7 @@ impl Transport for RabbitMqTransport {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             delay: Support::Emulated,
-            priority: match self.inner.config.queue_type {
-                QueueType::Classic => Support::Native,
-                QueueType::Quorum => Support::Unsupported,
-            },
+            priority: Support::Native,
             ttl: Support::Native,
             dead_letter: Support::Emulated,
             ordering: Support::Native,
@@ -212,13 +159,6 @@ impl Transport for RabbitMqTransport {
 
     async fn declare_queue(&self, spec: &QueueSpec) -> Result<(), DeclareError> {
         spec.validate()?;
-        let queue_type = self.inner.queue_type_for(&spec.name);
-        if let Some(reason) = type_refusal(spec, queue_type) {
-            return Err(DeclareError::InvalidSpec {
-                queue: spec.name.clone(),
-                reason,
-            });
-        }
         if self.inner.is_closed() {
             return Err(DeclareError::Closed);
         }
@@ -233,12 +173,6 @@ impl Transport for RabbitMqTransport {
             }
             Err(e) if reply_code(&e) == Some(PRECONDITION_FAILED) => {
                 let text = reply_text(&e).unwrap_or_default();
-                if let Some(message) = queue_type_conflict(spec, queue_type, &text) {
-                    return Err(DeclareError::Backend {
-                        source: message.into(),
-                        retryable: false,
-                    });
-                }
                 match existing_from_reply(spec, &text) {
                     Some(existing) => Err(DeclareError::Conflict {
                         existing: Box::new(existing),
@@ -320,13 +254,6 @@ impl Transport for RabbitMqTransport {
         let Some((ready, consumers)) = passive(queue.as_str().to_owned()).await? else {
             return Err(StatsError::QueueNotFound(queue.clone()));
         };
-        let mut consumers = u64::from(consumers);
-        if self.inner.queue_type_for(queue) == QueueType::Quorum {
-            // A quorum queue still counts a cancelled consumer until what it
-            // was delivered is settled; leave out the ones cancelled here.
-            let cancelled = self.inner.cancelled(queue).load(Ordering::SeqCst);
-            consumers = consumers.saturating_sub(cancelled);
-        }
         let mut delayed = 0u64;
         for name in self.inner.delay_queues_of(queue) {
             match passive(name.clone()).await? {
@@ -344,7 +271,7 @@ impl Transport for RabbitMqTransport {
             ready: u64::from(ready),
             delayed,
             in_flight: self.inner.in_flight(queue).load(Ordering::SeqCst),
-            consumers,
+            consumers: u64::from(consumers),
             dead_lettered,
         })
     }

@@ -6,7 +6,6 @@ use std::time::Duration;
 use busway_core::{QueueName, QueueSpec};
 use lapin::types::{AMQPValue, FieldTable};
 
-use crate::config::QueueType;
 use crate::wire::{int_value, str_value};
 
 /// busway's attempt limit, stored with the queue (RabbitMQ ignores unknown
@@ -18,14 +17,9 @@ fn millis(d: Duration) -> i64 {
 }
 
 /// The `queue.declare` arguments for `spec`, exactly as the reference code
-/// declares its queues (plus the opt-in ones). A quorum queue also gets
-/// `x-queue-type: quorum` and `max_attempts` as `x-delivery-limit`.
-pub(crate) fn queue_arguments(
-    spec: &QueueSpec,
-    dead_letter_exchange: &str,
-    queue_type: QueueType,
-) -> FieldTable {
-    let mut args = type_arguments(queue_type);
+/// declares its queues (plus the opt-in ones).
+pub(crate) fn queue_arguments(spec: &QueueSpec, dead_letter_exchange: &str) -> FieldTable {
+    let mut args = FieldTable::default();
     if let Some(ttl) = spec.message_ttl {
         args.insert("x-message-ttl".into(), int_value(millis(ttl)));
     }
@@ -48,75 +42,8 @@ pub(crate) fn queue_arguments(
     }
     if let Some(n) = spec.max_attempts {
         args.insert(ARG_MAX_ATTEMPTS.into(), int_value(i64::from(n)));
-        if queue_type == QueueType::Quorum {
-            // The broker dead-letters a message returned more than `n` times,
-            // i.e. at delivery `n + 1`: the delivery on which busway's own
-            // count dead-letters it with the reason, origin and attempt
-            // count. The broker's limit is the backstop for consumers that
-            // are not busway.
-            args.insert("x-delivery-limit".into(), int_value(i64::from(n)));
-        }
     }
     args
-}
-
-/// The arguments that choose the queue type: none for a classic queue (as
-/// the reference code declares them), `x-queue-type` otherwise.
-pub(crate) fn type_arguments(queue_type: QueueType) -> FieldTable {
-    let mut args = FieldTable::default();
-    if queue_type != QueueType::Classic {
-        args.insert("x-queue-type".into(), str_value(queue_type.as_str()));
-    }
-    args
-}
-
-/// Why `spec` cannot be declared as a queue of `queue_type`, if it cannot.
-pub(crate) fn type_refusal(spec: &QueueSpec, queue_type: QueueType) -> Option<String> {
-    if queue_type != QueueType::Quorum {
-        return None;
-    }
-    if !spec.durable {
-        return Some(
-            "quorum queues are always durable, and this transport declares quorum queues \
-             (RabbitMqConfig::queue_type); declare it durable, or on a transport with \
-             QueueType::Classic"
-                .into(),
-        );
-    }
-    if let Some(p) = spec.max_priority {
-        return Some(format!(
-            "quorum queues on this RabbitMQ version have no priorities (x-max-priority), \
-             and this transport declares quorum queues (RabbitMqConfig::queue_type); \
-             max_priority={p} needs a transport with QueueType::Classic"
-        ));
-    }
-    None
-}
-
-/// A readable error for a PRECONDITION_FAILED reply saying the queue exists
-/// with another `x-queue-type`, such as `inequivalent arg 'x-queue-type' for
-/// queue 'q' in vhost '/': received none but current is the value 'quorum'
-/// of type 'longstr'`.
-pub(crate) fn queue_type_conflict(
-    spec: &QueueSpec,
-    requested: QueueType,
-    reply: &str,
-) -> Option<String> {
-    if between(reply, "inequivalent arg '", "'")? != "x-queue-type" {
-        return None;
-    }
-    let current = reply.split("but current is ").nth(1)?;
-    let current = if current.starts_with("none") {
-        "classic"
-    } else {
-        between(current, "'", "'")?
-    };
-    // The queue may be the dead-letter queue of `spec`.
-    let queue = between(reply, "for queue '", "'").unwrap_or(spec.name.as_str());
-    Some(format!(
-        "queue `{queue}` exists as a {current} queue, but this transport declares {requested} \
-         queues (RabbitMqConfig::queue_type): {reply}"
-    ))
 }
 
 /// Rounds a delay up to a small set of values, so jittered backoffs share
@@ -231,9 +158,6 @@ pub(crate) fn existing_from_reply(requested: &QueueSpec, reply: &str) -> Option<
         "x-dead-letter-routing-key" => {
             existing.dead_letter = value.and_then(|v| QueueName::new(v).ok())
         }
-        "x-delivery-limit" => {
-            existing.max_attempts = number(value).and_then(|n| u32::try_from(n).ok())
-        }
         _ => return None,
     }
     Some(existing)
@@ -262,7 +186,7 @@ mod tests {
     fn reference_task_queue_arguments() -> Result<(), Box<dyn std::error::Error>> {
         let spec = QueueSpec::new(QueueName::new("task_queue")?)
             .with_message_ttl(Duration::from_secs(86_400));
-        let args = queue_arguments(&spec, "dead_letter_exchange", QueueType::Classic);
+        let args = queue_arguments(&spec, "dead_letter_exchange");
         let keys: Vec<&str> = args.inner().keys().map(|k| k.as_str()).collect();
         assert_eq!(
             keys,
@@ -287,57 +211,6 @@ mod tests {
     }
 
     #[test]
-    fn quorum_queue_arguments() -> Result<(), Box<dyn std::error::Error>> {
-        let spec = QueueSpec::new(QueueName::new("jobs")?).with_max_attempts(3);
-        let args = queue_arguments(&spec, "dead_letter_exchange", QueueType::Quorum);
-        assert_eq!(
-            args.inner()
-                .get("x-queue-type")
-                .and_then(crate::wire::value_text)
-                .as_deref(),
-            Some("quorum")
-        );
-        assert_eq!(arg_int(&args, "x-delivery-limit"), Some(3));
-        assert_eq!(arg_int(&args, ARG_MAX_ATTEMPTS), Some(3));
-        let classic = queue_arguments(&spec, "dead_letter_exchange", QueueType::Classic);
-        assert!(classic.inner().get("x-queue-type").is_none());
-        assert!(classic.inner().get("x-delivery-limit").is_none());
-        Ok(())
-    }
-
-    #[test]
-    fn quorum_refuses_what_it_lacks() -> Result<(), Box<dyn std::error::Error>> {
-        let spec = QueueSpec::new(QueueName::new("q")?);
-        assert_eq!(type_refusal(&spec, QueueType::Quorum), None);
-        let transient = spec.clone().with_durable(false);
-        assert_eq!(type_refusal(&transient, QueueType::Classic), None);
-        let reason = type_refusal(&transient, QueueType::Quorum).ok_or("accepted")?;
-        assert!(reason.contains("durable"), "{reason}");
-        let prio = spec.with_max_priority(5);
-        let reason = type_refusal(&prio, QueueType::Quorum).ok_or("accepted")?;
-        assert!(
-            reason.contains("priorit") && reason.contains("max_priority=5"),
-            "{reason}"
-        );
-        Ok(())
-    }
-
-    #[test]
-    fn queue_type_conflict_names_both_types() -> Result<(), Box<dyn std::error::Error>> {
-        let spec = QueueSpec::new(QueueName::new("q")?);
-        let reply = "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'q' in vhost '/': received the value 'quorum' of type 'longstr' but current is none";
-        let text = queue_type_conflict(&spec, QueueType::Quorum, reply).ok_or("not parsed")?;
-        assert!(text.contains("exists as a classic queue"), "{text}");
-        assert!(text.contains("declares quorum queues"), "{text}");
-        let reply = "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'q' in vhost '/': received none but current is the value 'quorum' of type 'longstr'";
-        let text = queue_type_conflict(&spec, QueueType::Classic, reply).ok_or("not parsed")?;
-        assert!(text.contains("exists as a quorum queue"), "{text}");
-        let other = "PRECONDITION_FAILED - inequivalent arg 'x-max-priority' for queue 'q' in vhost '/': received the value '9' of type 'signedint' but current is none";
-        assert!(queue_type_conflict(&spec, QueueType::Quorum, other).is_none());
-        Ok(())
-    }
-
-    #[test]
     fn tiers_never_shorten() {
         for ms in [
             1u64, 9, 10, 11, 99, 100, 101, 600, 999, 1001, 1234, 86_400_001,
@@ -357,9 +230,6 @@ mod tests {
         let reply = "PRECONDITION_FAILED - inequivalent arg 'x-message-ttl' for queue 'q' in vhost '/': received none but current is the value '86400000' of type 'signedint'";
         let existing = existing_from_reply(&requested, reply).ok_or("not parsed")?;
         assert_eq!(existing.message_ttl, Some(Duration::from_secs(86_400)));
-        let reply = "PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit' for queue 'q' in vhost '/': received '5' but current is '3'";
-        let existing = existing_from_reply(&requested, reply).ok_or("not parsed")?;
-        assert_eq!(existing.max_attempts, Some(3));
         Ok(())
     }
 }

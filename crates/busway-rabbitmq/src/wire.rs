@@ -21,9 +21,6 @@ pub(crate) const H_EXPIRES_AT: &str = "x-busway-expires-at";
 pub(crate) const H_TOPIC: &str = "x-busway-topic";
 /// RabbitMQ's own dead-lettering history.
 const X_DEATH: &str = "x-death";
-/// How often a quorum queue has delivered this message and had it returned
-/// (set by the broker on every delivery from a quorum queue).
-const X_DELIVERY_COUNT: &str = "x-delivery-count";
 /// Prefix of the headers busway keeps to itself.
 const INTERNAL_PREFIX: &str = "x-busway-";
 
@@ -153,26 +150,7 @@ pub(crate) struct Decoded {
     pub(crate) message: Message,
     /// Deliveries before this one, as recorded by busway.
     pub(crate) prior_attempts: u32,
-    /// Returns of this very message since it was published, as counted by
-    /// a quorum queue (`x-delivery-count`); `None` from classic queues.
-    pub(crate) returns: Option<u32>,
     pub(crate) topic: Option<Topic>,
-}
-
-impl Decoded {
-    /// Which delivery this is: busway's count before the last publish, plus
-    /// this one, plus the returns since (the broker's count where it keeps
-    /// one, else at least one when the broker flags a redelivery).
-    pub(crate) fn attempt(&self, redelivered: bool) -> u32 {
-        let returns = if redelivered {
-            self.returns.unwrap_or(0).max(1)
-        } else {
-            0
-        };
-        self.prior_attempts
-            .saturating_add(1)
-            .saturating_add(returns)
-    }
 }
 
 /// Decodes AMQP properties and body into a busway message. Messages from
@@ -190,7 +168,7 @@ pub(crate) fn decode(
     let mut hdrs = Headers::new();
     for (k, v) in table.inner() {
         let k = k.as_str();
-        if k.starts_with(INTERNAL_PREFIX) || k == X_DEATH || k == X_DELIVERY_COUNT {
+        if k.starts_with(INTERNAL_PREFIX) || k == X_DEATH {
             continue;
         }
         if let Some(text) = value_text(v) {
@@ -201,9 +179,6 @@ pub(crate) fn decode(
         .and_then(value_int)
         .and_then(|n| u32::try_from(n).ok())
         .unwrap_or(0);
-    let returns = get(X_DELIVERY_COUNT)
-        .and_then(value_int)
-        .and_then(|n| u32::try_from(n).ok());
     let topic = get(H_TOPIC)
         .and_then(value_text)
         .and_then(|t| Topic::new(t).ok())
@@ -268,7 +243,6 @@ pub(crate) fn decode(
     Decoded {
         message,
         prior_attempts,
-        returns,
         topic,
     }
 }
@@ -284,15 +258,6 @@ fn translate_death(
 ) {
     let field = |k: &str| death.inner().get(k).and_then(value_text);
     let reason = field("reason").unwrap_or_else(|| "dead-lettered by the broker".into());
-    // A quorum queue's `x-delivery-limit` (busway's `max_attempts`) was
-    // reached. How many deliveries that took is not recorded with the
-    // message, so no attempt count is given.
-    let delivery_limit = reason == "delivery_limit";
-    let reason = if delivery_limit {
-        "max attempts exceeded (delivery_limit: the queue's x-delivery-limit was reached)".into()
-    } else {
-        reason
-    };
     hdrs.insert(headers::DEAD_LETTER_REASON, reason);
     if let Some(q) = field("queue") {
         hdrs.insert(headers::ORIGINAL_QUEUE, q);
@@ -308,9 +273,7 @@ fn translate_death(
     if let Some(t) = original_topic {
         hdrs.insert(headers::ORIGINAL_TOPIC, t);
     }
-    if !delivery_limit {
-        hdrs.insert(headers::ATTEMPTS, attempts.to_string());
-    }
+    hdrs.insert(headers::ATTEMPTS, attempts.to_string());
     if let Some(AMQPValue::Timestamp(secs)) = death.inner().get("time") {
         hdrs.insert(
             headers::DEAD_LETTERED_AT,
@@ -351,49 +314,6 @@ mod tests {
         assert_eq!(d.topic.as_ref().map(Topic::as_str), Some("a.b"));
         assert!(d.message.expires_at.is_some());
         Ok(())
-    }
-
-    #[test]
-    fn quorum_delivery_count_is_attempts_not_a_header() {
-        let mut table = FieldTable::default();
-        table.insert(H_ATTEMPT.into(), int_value(2));
-        table.insert(X_DELIVERY_COUNT.into(), AMQPValue::LongLongInt(3));
-        let props = BasicProperties::default().with_headers(table);
-        let d = decode(&props, Bytes::new(), "", "q", "event_bus");
-        assert!(d.message.headers.get(X_DELIVERY_COUNT).is_none());
-        assert_eq!(d.returns, Some(3));
-        assert_eq!(d.attempt(true), 6);
-        // A stale count on a first delivery is not trusted.
-        assert_eq!(d.attempt(false), 3);
-        let classic = decode(
-            &BasicProperties::default(),
-            Bytes::new(),
-            "",
-            "q",
-            "event_bus",
-        );
-        assert_eq!(classic.attempt(false), 1);
-        assert_eq!(classic.attempt(true), 2);
-    }
-
-    #[test]
-    fn delivery_limit_death_reads_as_max_attempts() {
-        let mut death = FieldTable::default();
-        death.insert("reason".into(), str_value("delivery_limit"));
-        death.insert("queue".into(), str_value("jobs"));
-        let mut table = FieldTable::default();
-        table.insert(
-            X_DEATH.into(),
-            AMQPValue::FieldArray(vec![AMQPValue::FieldTable(death)].into()),
-        );
-        let props = BasicProperties::default().with_headers(table);
-        let d = decode(&props, Bytes::new(), "", "dead_letter_jobs", "event_bus");
-        let reason = d.message.headers.get(headers::DEAD_LETTER_REASON);
-        assert!(
-            reason.is_some_and(|r| r.starts_with("max attempts exceeded")),
-            "{reason:?}"
-        );
-        assert_eq!(d.message.headers.get(headers::ORIGINAL_QUEUE), Some("jobs"));
     }
 
     #[test]
