@@ -10,7 +10,10 @@
 //! for an unsupported feature checks that the backend refuses it with a clear
 //! error instead of passing silently.
 //!
-//! ```ignore
+//! Each backend runs the suite from its `tests/conformance.rs`; the memory
+//! backend's is this (compiled there, shown here):
+//!
+//! ```text
 //! struct MemoryHarness(busway_memory::MemoryTransport);
 //!
 //! #[async_trait::async_trait]
