@@ -97,6 +97,9 @@ pub(super) async fn run(args: &BenchArgs) -> anyhow::Result<Measured> {
     })
 }
 
+/// A consumer that acknowledges nothing for this long fails the run.
+const STALL_LIMIT: Duration = Duration::from_secs(30);
+
 struct Consumer {
     transport: Arc<dyn Transport>,
     queue: QueueName,
@@ -120,10 +123,13 @@ impl Consumer {
             .await?;
         let mut acks = FuturesUnordered::new();
         let mut since_progress = 0u64;
+        // One stop future and one stall timer for the whole run: creating them
+        // per message would cost more than the work being measured.
+        let stop = self.stop_rx.changed();
+        tokio::pin!(stop);
+        let stall = tokio::time::sleep(STALL_LIMIT);
+        tokio::pin!(stall);
         loop {
-            if *self.stop_rx.borrow() {
-                break;
-            }
             tokio::select! {
                 biased;
                 Some(result) = acks.next(), if !acks.is_empty() => {
@@ -132,6 +138,7 @@ impl Consumer {
                     if since_progress == 1024 {
                         self.progress.inc(since_progress);
                         since_progress = 0;
+                        stall.as_mut().reset(tokio::time::Instant::now() + STALL_LIMIT);
                     }
                     if self.acked.fetch_add(1, Ordering::Relaxed) + 1 == self.total {
                         let _ = self.stop_tx.send(true);
@@ -143,10 +150,10 @@ impl Consumer {
                     latencies.record(latency_us(self.start, &delivery.message().payload))?;
                     acks.push(delivery.ack());
                 }
-                _ = self.stop_rx.changed() => {}
-                _ = tokio::time::sleep(Duration::from_secs(30)) => {
+                _ = &mut stop => break,
+                _ = &mut stall => {
                     bail!(
-                        "no progress for 30 s ({} of {} acknowledged)",
+                        "no progress for {STALL_LIMIT:?} ({} of {} acknowledged)",
                         self.acked.load(Ordering::Relaxed),
                         self.total
                     );
