@@ -34,6 +34,7 @@ use async_trait::async_trait;
 use busway_core::Transport;
 
 pub mod cases;
+pub mod environment;
 mod support;
 
 pub use anyhow::Error;

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context};
+use anyhow::{ensure, Context};
 use busway_core::{
     Binding, ConsumeOptions, Message, Priority, Publish, QueueName, QueueSpec, Topic, TopicPattern,
     Transport,
@@ -57,28 +57,7 @@ conn.close()
 /// Runs the script; `None` when Python or pika is missing and brokers are
 /// not required.
 fn pika(args: &[&str]) -> anyhow::Result<Option<String>> {
-    let out = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(PIKA)
-        .args(args)
-        .output();
-    let missing = |why: String| {
-        if std::env::var("BUSWAY_REQUIRE_BROKERS").as_deref() == Ok("1") {
-            bail!("pika interop required but unavailable: {why}")
-        }
-        eprintln!("skipped: {why}");
-        Ok(None)
-    };
-    let out = match out {
-        Ok(o) => o,
-        Err(e) => return missing(format!("python3: {e}")),
-    };
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if stderr.contains("No module named 'pika'") {
-        return missing("the pika module is not installed (pip install pika)".into());
-    }
-    ensure!(out.status.success(), "pika script failed: {stderr}");
-    Ok(Some(String::from_utf8_lossy(&out.stdout).trim().to_owned()))
+    busway_conformance::environment::run_python(PIKA, args)
 }
 
 fn unique(prefix: &str) -> String {
