@@ -429,6 +429,20 @@ impl RabbitAcker {
         Ok(())
     }
 
+    /// Publishes the message's replacement (a retry or a dead letter), and
+    /// only once the broker confirmed it acks the original: a failure leaves
+    /// the original in the queue, so the message is never lost.
+    async fn republish_then_ack(&self, outgoing: Outgoing) -> Result<(), SettleError> {
+        if let Err(e) = self.inner.send(vec![outgoing], Durability::Durable).await {
+            self.requeue();
+            return Err(SettleError::Backend {
+                source: Box::new(e),
+                retryable: true,
+            });
+        }
+        self.ack().await
+    }
+
     /// Republishes with the attempt count (through a delay queue when
     /// `delay` is set), then acks the original: the message is never lost.
     async fn retry(&self, delay: Option<Duration>) -> Result<(), SettleError> {
@@ -467,14 +481,7 @@ impl RabbitAcker {
             properties,
             queue: Some(self.queue.clone()),
         };
-        if let Err(e) = self.inner.send(vec![outgoing], Durability::Durable).await {
-            self.requeue();
-            return Err(SettleError::Backend {
-                source: Box::new(e),
-                retryable: true,
-            });
-        }
-        self.ack().await
+        self.republish_then_ack(outgoing).await
     }
 
     /// Publishes to the dead-letter queue with the reason and origin, then
@@ -532,14 +539,7 @@ impl RabbitAcker {
             properties,
             queue: Some(dlq),
         };
-        if let Err(e) = self.inner.send(vec![outgoing], Durability::Durable).await {
-            self.requeue();
-            return Err(SettleError::Backend {
-                source: Box::new(e),
-                retryable: true,
-            });
-        }
-        self.ack().await
+        self.republish_then_ack(outgoing).await
     }
 }
 

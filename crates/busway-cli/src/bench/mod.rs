@@ -94,6 +94,26 @@ pub(crate) struct Measured {
     latencies_us: Histogram<u64>,
 }
 
+impl Measured {
+    /// Stops the clock of a run that started at `start`. `consume_start` is
+    /// when consuming began in a `--sequential` run (`None`: consumers ran
+    /// alongside the publishers, so consuming took the whole run).
+    pub(crate) fn stop(
+        start: Instant,
+        publish_elapsed: Duration,
+        consume_start: Option<Instant>,
+        latencies_us: Histogram<u64>,
+    ) -> Self {
+        let total_elapsed = start.elapsed();
+        Self {
+            publish_elapsed,
+            consume_elapsed: consume_start.map_or(total_elapsed, |c| c.elapsed()),
+            total_elapsed,
+            latencies_us,
+        }
+    }
+}
+
 pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.size < 8 {
         bail!("--size must be at least 8 bytes (the send time rides in the payload)");

@@ -158,19 +158,15 @@ fn raw_sqlite(args: &BenchArgs, path: &Path, config: &SqliteConfig) -> anyhow::R
                 .map_err(|_| anyhow!("consumer thread panicked"))??,
         )?;
     }
-    let total_elapsed = start.elapsed();
+    let measured = Measured::stop(
+        start,
+        publish_elapsed,
+        args.sequential.then_some(consume_start),
+        latencies,
+    );
     drop(conn);
     remove_database(&path);
-    Ok(Measured {
-        publish_elapsed,
-        consume_elapsed: if args.sequential {
-            consume_start.elapsed()
-        } else {
-            total_elapsed
-        },
-        total_elapsed,
-        latencies_us: latencies,
-    })
+    Ok(measured)
 }
 
 fn lock(conn: &Mutex<Connection>) -> anyhow::Result<std::sync::MutexGuard<'_, Connection>> {
@@ -215,11 +211,6 @@ async fn raw_channel(args: &BenchArgs) -> anyhow::Result<Measured> {
     for c in consumers {
         latencies.add(c.await??)?;
     }
-    let total_elapsed = start.elapsed();
-    Ok(Measured {
-        publish_elapsed,
-        consume_elapsed: total_elapsed,
-        total_elapsed,
-        latencies_us: latencies,
-    })
+    // The channel's consumers always run alongside the publishers.
+    Ok(Measured::stop(start, publish_elapsed, None, latencies))
 }

@@ -81,20 +81,15 @@ pub(super) async fn run(args: &BenchArgs) -> anyhow::Result<Measured> {
     for c in consumer_tasks {
         latencies.add(c.await?.context("consumer failed")?)?;
     }
-    let total_elapsed = start.elapsed();
-    progress.finish_and_clear();
-    let consume_elapsed = if args.sequential {
-        consume_start.elapsed()
-    } else {
-        total_elapsed
-    };
-    transport.close().await;
-    Ok(Measured {
+    let measured = Measured::stop(
+        start,
         publish_elapsed,
-        consume_elapsed,
-        total_elapsed,
-        latencies_us: latencies,
-    })
+        args.sequential.then_some(consume_start),
+        latencies,
+    );
+    progress.finish_and_clear();
+    transport.close().await;
+    Ok(measured)
 }
 
 /// A consumer that acknowledges nothing for this long fails the run.

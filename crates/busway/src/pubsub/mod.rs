@@ -61,6 +61,23 @@ fn null_as_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Map<String, Value>, 
 }
 
 impl<D> Event<D> {
+    /// The same event with its data converted by `convert` (for example
+    /// decoded from JSON into the handler's type); the other fields stay.
+    pub fn try_map_data<E, Err>(
+        self,
+        convert: impl FnOnce(D) -> Result<E, Err>,
+    ) -> Result<Event<E>, Err> {
+        Ok(Event {
+            data: convert(self.data)?,
+            event_id: self.event_id,
+            event_type: self.event_type,
+            aggregate_id: self.aggregate_id,
+            timestamp: self.timestamp,
+            version: self.version,
+            metadata: self.metadata,
+        })
+    }
+
     /// A new event: fresh id, now, version 1, no metadata.
     pub fn new(event_type: impl Into<String>, aggregate_id: impl Into<String>, data: D) -> Self {
         Self {
@@ -219,28 +236,12 @@ impl Bus {
         let erased: EventFn = Arc::new(move |event: Event<Value>| {
             let handler = handler.clone();
             async move {
-                let Event {
-                    event_id,
-                    event_type,
-                    aggregate_id,
-                    data,
-                    timestamp,
-                    version,
-                    metadata,
-                } = event;
-                let data: D = serde_json::from_value(data).map_err(|e| {
-                    HandlerError::permanent(format!("event data does not fit the handler: {e}"))
+                let event = event.try_map_data(|data| {
+                    serde_json::from_value::<D>(data).map_err(|e| {
+                        HandlerError::permanent(format!("event data does not fit the handler: {e}"))
+                    })
                 })?;
-                handler(Event {
-                    event_id,
-                    event_type,
-                    aggregate_id,
-                    data,
-                    timestamp,
-                    version,
-                    metadata,
-                })
-                .await
+                handler(event).await
             }
             .boxed()
         });

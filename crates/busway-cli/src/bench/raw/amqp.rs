@@ -111,19 +111,15 @@ pub(super) async fn run(args: &BenchArgs) -> anyhow::Result<Measured> {
     for c in consumers {
         latencies.add(c.await??)?;
     }
-    let total_elapsed = start.elapsed();
+    let measured = Measured::stop(
+        start,
+        publish_elapsed,
+        args.sequential.then_some(consume_start),
+        latencies,
+    );
     setup
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await?;
     connection.close(200, "bench done".into()).await?;
-    Ok(Measured {
-        publish_elapsed,
-        consume_elapsed: if args.sequential {
-            consume_start.elapsed()
-        } else {
-            total_elapsed
-        },
-        total_elapsed,
-        latencies_us: latencies,
-    })
+    Ok(measured)
 }
