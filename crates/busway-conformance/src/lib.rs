@@ -35,6 +35,7 @@ use busway_core::Transport;
 
 pub mod cases;
 pub mod environment;
+pub mod event_store;
 mod support;
 
 pub use anyhow::Error;

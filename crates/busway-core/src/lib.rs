@@ -15,6 +15,7 @@ mod address;
 mod codec;
 mod delivery;
 mod error;
+pub mod event_store;
 pub mod headers;
 mod message;
 mod topology;

@@ -35,7 +35,9 @@
 //! ```
 
 mod consumer;
+mod event_store;
 mod queue;
 mod transport;
 
+pub use event_store::MemoryEventStore;
 pub use transport::{MemoryConfig, MemoryTransport};
