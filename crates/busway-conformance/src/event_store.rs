@@ -3,8 +3,10 @@
 //! prefix, so cases may share one store and run in parallel.
 //!
 //! A backend calls [`event_store_tests!`](crate::event_store_tests) with an
-//! expression that opens a store (`async` block returning
-//! `anyhow::Result<Arc<dyn EventStore>>`).
+//! expression that opens a store: a future of
+//! `anyhow::Result<(Arc<dyn EventStore>, Guard)>`, where `Guard` is
+//! anything the store needs kept alive during the case (a temporary
+//! directory), dropped when the case ends.
 
 use std::sync::Arc;
 
@@ -320,7 +322,7 @@ pub async fn one_winner_per_round(
 }
 
 /// Expands to one `#[tokio::test]` per event-store case; `$open` is an
-/// expression evaluating to a future of `anyhow::Result<Arc<dyn EventStore>>`.
+/// expression evaluating to a future of `anyhow::Result<(Arc<dyn EventStore>, Guard)>`.
 #[macro_export]
 macro_rules! event_store_tests {
     ($open:expr) => {
@@ -330,7 +332,7 @@ macro_rules! event_store_tests {
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
         async fn one_winner_per_round_1000x16() -> anyhow::Result<()> {
-            let store = $open.await?;
+            let (store, _guard) = $open.await?;
             $crate::event_store::one_winner_per_round(store, 1000, 16).await
         }
     };
@@ -338,7 +340,7 @@ macro_rules! event_store_tests {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() -> anyhow::Result<()> {
-                let store = $open.await?;
+                let (store, _guard) = $open.await?;
                 $crate::event_store::$case(store).await
             }
         )*

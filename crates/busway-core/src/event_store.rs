@@ -464,6 +464,25 @@ impl ParkedEvent {
     }
 }
 
+impl ParkedEvent {
+    /// A parked event record from its parts (for backends reading them back).
+    pub fn from_parts(
+        projection: String,
+        stream: String,
+        version: u64,
+        position: u64,
+        reason: String,
+    ) -> Self {
+        Self {
+            projection,
+            stream,
+            version,
+            position,
+            reason,
+        }
+    }
+}
+
 /// A message committed with the events it announces, waiting for the relay.
 #[derive(Clone, Debug)]
 #[non_exhaustive]

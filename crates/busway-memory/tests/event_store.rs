@@ -5,8 +5,8 @@ use std::sync::Arc;
 use busway_core::event_store::EventStore;
 use busway_memory::MemoryEventStore;
 
-async fn open() -> anyhow::Result<Arc<dyn EventStore>> {
-    Ok(Arc::new(MemoryEventStore::new()))
+async fn open() -> anyhow::Result<(Arc<dyn EventStore>, ())> {
+    Ok((Arc::new(MemoryEventStore::new()), ()))
 }
 
 busway_conformance::event_store_tests!(open());
