@@ -59,6 +59,7 @@ mod checkpoint;
 mod config;
 mod consumer;
 mod error;
+mod job;
 mod row;
 mod schema;
 mod sync;
@@ -67,6 +68,9 @@ mod wake;
 mod writer;
 
 pub use config::{SqliteConfig, Synchronous};
+pub use job::{WriteError, WriteTx};
+/// The SQLite bindings [`WriteTx::connection`] and [`SqliteTransport::read`] hand out.
+pub use rusqlite;
 pub use transport::SqliteTransport;
 
 #[cfg(test)]

@@ -350,3 +350,134 @@ fn public_types_are_send_and_sync() {
     assert_send_sync::<SqliteConfig>();
     assert_send_sync::<crate::Synchronous>();
 }
+
+// ---- write jobs ------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_job_rolls_back_its_rows_and_its_messages_alone() -> TestResult {
+    use crate::WriteError;
+    let dir = tempfile::tempdir()?;
+    let t = SqliteTransport::open(dir.path().join("b.db"))?;
+    let q = declared(&t, "announcements").await?;
+    t.write(|tx| {
+        tx.connection()
+            .execute_batch("CREATE TABLE busway_test_rows (id TEXT PRIMARY KEY)")?;
+        Ok::<_, WriteError>(())
+    })
+    .await?;
+    // Many jobs at once share commits; the failing ones leave nothing behind.
+    let mut jobs = Vec::new();
+    for i in 0..200 {
+        let t = t.clone();
+        let q = q.clone();
+        jobs.push(tokio::spawn(async move {
+            t.write(move |tx| {
+                tx.connection().execute(
+                    "INSERT INTO busway_test_rows (id) VALUES (?1)",
+                    [i.to_string()],
+                )?;
+                tx.publish(&[Publish::to_queue(q, Message::new("row", i.to_string()))])?;
+                if i % 4 == 0 {
+                    return Err(WriteError::Closed);
+                }
+                Ok(i)
+            })
+            .await
+        }));
+    }
+    let mut ok = 0;
+    for (i, job) in jobs.into_iter().enumerate() {
+        match job.await? {
+            Ok(n) => {
+                assert_eq!(n, i);
+                ok += 1;
+            }
+            Err(WriteError::Closed) => assert_eq!(i % 4, 0),
+            Err(other) => return Err(other.into()),
+        }
+    }
+    assert_eq!(ok, 150);
+    let rows: i64 = t
+        .read(|c| c.query_row("SELECT count(*) FROM busway_test_rows", [], |r| r.get(0)))
+        .await?;
+    assert_eq!(rows, 150);
+    assert_eq!(t.queue_stats(&q).await?.ready, 150);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_job_is_rolled_back_and_the_writer_goes_on() -> TestResult {
+    use crate::WriteError;
+    let dir = tempfile::tempdir()?;
+    let t = SqliteTransport::open(dir.path().join("b.db"))?;
+    t.write(|tx| {
+        tx.connection()
+            .execute_batch("CREATE TABLE busway_test_rows (id TEXT PRIMARY KEY)")?;
+        Ok::<_, WriteError>(())
+    })
+    .await?;
+    let panicked = t
+        .write(|tx| -> Result<(), WriteError> {
+            tx.connection()
+                .execute("INSERT INTO busway_test_rows (id) VALUES ('lost')", [])?;
+            panic!("a bug in a store");
+        })
+        .await;
+    assert!(
+        matches!(panicked, Err(WriteError::JobPanicked)),
+        "{panicked:?}"
+    );
+    // A job that violates a constraint fails with SQLite's error.
+    t.write(|tx| {
+        tx.connection()
+            .execute("INSERT INTO busway_test_rows (id) VALUES ('kept')", [])?;
+        Ok::<_, WriteError>(())
+    })
+    .await?;
+    let duplicate = t
+        .write(|tx| {
+            tx.connection()
+                .execute("INSERT INTO busway_test_rows (id) VALUES ('kept')", [])?;
+            Ok::<_, WriteError>(())
+        })
+        .await;
+    assert!(
+        matches!(duplicate, Err(WriteError::Database { .. })),
+        "{duplicate:?}"
+    );
+    let ids: Vec<String> = t
+        .read(|c| {
+            let mut s = c.prepare("SELECT id FROM busway_test_rows ORDER BY id")?;
+            let ids = s.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+            Ok(ids)
+        })
+        .await?;
+    assert_eq!(ids, ["kept"]);
+    t.close().await;
+    let closed = t.write(|_| Ok::<_, WriteError>(())).await;
+    assert!(matches!(closed, Err(WriteError::Closed)), "{closed:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn written_rows_survive_a_crash_and_reopen() -> TestResult {
+    use crate::WriteError;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("b.db");
+    let t = SqliteTransport::open(&path)?;
+    t.write(|tx| {
+        tx.connection().execute_batch(
+            "CREATE TABLE busway_test_rows (id TEXT PRIMARY KEY);
+             INSERT INTO busway_test_rows (id) VALUES ('a'), ('b');",
+        )?;
+        Ok::<_, WriteError>(())
+    })
+    .await?;
+    t.crash();
+    let reopened = SqliteTransport::open(&path)?;
+    let rows: i64 = reopened
+        .read(|c| c.query_row("SELECT count(*) FROM busway_test_rows", [], |r| r.get(0)))
+        .await?;
+    assert_eq!(rows, 2);
+    Ok(())
+}

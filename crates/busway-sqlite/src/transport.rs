@@ -22,6 +22,7 @@ use crate::checkpoint::Checkpointer;
 use crate::config::{SqliteConfig, Synchronous};
 use crate::consumer::{self, ConsumerState, ConsumerStream};
 use crate::error::FromSqlite;
+use crate::job::{Job, TypedJob, WriteError, WriteTx};
 use crate::schema;
 use crate::sync::Syncer;
 use crate::wake::Wakers;
@@ -103,8 +104,9 @@ pub(crate) struct Shared {
     pub(crate) wakers: Arc<Wakers>,
     /// The live consumers, so closing can end them.
     pub(crate) consumers: Mutex<HashMap<String, Arc<ConsumerState>>>,
-    /// A read connection for statistics, opened on first use.
-    reader: Mutex<Option<Connection>>,
+    /// Idle read connections (statistics, [`SqliteTransport::read`]),
+    /// opened on demand.
+    readers: Mutex<Vec<Connection>>,
 }
 
 impl Shared {
@@ -133,20 +135,36 @@ impl Shared {
     }
 
     fn stats(&self, queue: &QueueName) -> Result<QueueStats, StatsError> {
-        let mut reader = lock(&self.reader);
-        let conn = match &mut *reader {
+        self.with_reader(|conn| read_stats(conn, queue))
+            .map_err(StatsFail::Sql)
+            .and_then(|r| r)
+            .map_err(|e| match e {
+                StatsFail::Sql(e) => StatsError::from_sqlite(e),
+                StatsFail::NotFound => StatsError::QueueNotFound(queue.clone()),
+            })
+    }
+
+    /// Runs `f` with an idle read connection (opening one if none is idle)
+    /// and keeps the connection for later.
+    fn with_reader<T>(&self, f: impl FnOnce(&mut Connection) -> T) -> Result<T, rusqlite::Error> {
+        let idle = lock(&self.readers).pop();
+        let mut conn = match idle {
             Some(conn) => conn,
-            empty => empty.insert(
-                schema::open_connection(&self.path, &self.config)
-                    .map_err(StatsError::from_sqlite)?,
-            ),
+            None => schema::open_connection(&self.path, &self.config)?,
         };
-        read_stats(conn, queue).map_err(|e| match e {
-            StatsFail::Sql(e) => StatsError::from_sqlite(e),
-            StatsFail::NotFound => StatsError::QueueNotFound(queue.clone()),
-        })
+        let result = f(&mut conn);
+        if conn.is_autocommit() {
+            let mut readers = lock(&self.readers);
+            if readers.len() < MAX_IDLE_READERS {
+                readers.push(conn);
+            }
+        }
+        Ok(result)
     }
 }
+
+/// How many idle read connections a transport keeps open.
+const MAX_IDLE_READERS: usize = 8;
 
 enum StatsFail {
     Sql(rusqlite::Error),
@@ -324,7 +342,7 @@ impl SqliteTransport {
                     shutdown,
                     wakers,
                     consumers: Mutex::new(HashMap::new()),
-                    reader: Mutex::new(None),
+                    readers: Mutex::new(Vec::new()),
                 }),
             }),
         })
@@ -355,6 +373,101 @@ impl SqliteTransport {
     /// The settings in force (out-of-range values raised to their minimum).
     pub fn config(&self) -> &SqliteConfig {
         &self.shared().config
+    }
+
+    /// Runs `job` on the writer thread, inside the group-commit transaction
+    /// that also carries the queue's writes, in a savepoint of its own: the
+    /// building block of the stores kept in this database (event store, saga
+    /// store, inbox, outbox).
+    ///
+    /// An `Err` from the job rolls back its savepoint alone and is returned
+    /// at once. `Ok` is returned once the transaction is committed — with
+    /// [`Synchronous::Full`], once it is on disk. Concurrent calls share one
+    /// commit and one fsync. Messages published through
+    /// [`WriteTx::publish`](crate::WriteTx::publish) become visible exactly
+    /// when the job's own rows do.
+    ///
+    /// The job runs on the thread every write of this transport goes
+    /// through: keep it short, and never block in it.
+    ///
+    /// ```
+    /// use busway_core::{Message, Publish, QueueName, QueueSpec, Transport};
+    /// use busway_sqlite::{SqliteTransport, WriteError};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # tokio::runtime::Runtime::new()?.block_on(async {
+    /// let dir = tempfile::tempdir()?;
+    /// let transport = SqliteTransport::open(dir.path().join("busway.db"))?;
+    /// let queue = QueueName::new("order_events")?;
+    /// transport.declare_queue(&QueueSpec::new(queue.clone())).await?;
+    /// transport
+    ///     .write(|tx| {
+    ///         tx.connection().execute_batch(
+    ///             "CREATE TABLE IF NOT EXISTS busway_example_orders (id TEXT PRIMARY KEY)",
+    ///         )?;
+    ///         Ok::<_, WriteError>(())
+    ///     })
+    ///     .await?;
+    /// // One transaction: the row and the message announcing it.
+    /// let announce = Publish::to_queue(queue.clone(), Message::new("order.created", "o-1"));
+    /// transport
+    ///     .write(move |tx| {
+    ///         tx.connection()
+    ///             .execute("INSERT INTO busway_example_orders (id) VALUES (?1)", ["o-1"])?;
+    ///         tx.publish(&[announce])?;
+    ///         Ok::<_, WriteError>(())
+    ///     })
+    ///     .await?;
+    /// let orders: i64 = transport
+    ///     .read(|conn| conn.query_row("SELECT count(*) FROM busway_example_orders", [], |r| r.get(0)))
+    ///     .await?;
+    /// assert_eq!(orders, 1);
+    /// assert_eq!(transport.queue_stats(&queue).await?.ready, 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # })
+    /// # }
+    /// ```
+    pub async fn write<R, E, F>(&self, job: F) -> Result<R, E>
+    where
+        F: FnOnce(&mut WriteTx<'_>) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<WriteError> + Send + 'static,
+    {
+        let shared = self.shared();
+        if shared.is_closed() {
+            return Err(E::from(WriteError::Closed));
+        }
+        let (reply, rx) = oneshot::channel();
+        let job: Box<dyn Job> = Box::new(TypedJob { job, reply });
+        if shared.tx.send(Command::Job(job)).is_err() {
+            return Err(E::from(WriteError::Closed));
+        }
+        match rx.await {
+            Ok(result) => result,
+            // The job was dropped unanswered: it panicked, or the writer stopped.
+            Err(_) if shared.is_closed() => Err(E::from(WriteError::Closed)),
+            Err(_) => Err(E::from(WriteError::JobPanicked)),
+        }
+    }
+
+    /// Runs `f` on a blocking thread with a read connection of its own. It
+    /// sees what is committed when it starts (WAL snapshot; wrap several
+    /// statements in a transaction for one consistent view), including
+    /// everything written by `write` calls that have returned.
+    pub async fn read<R, F>(&self, f: F) -> Result<R, WriteError>
+    where
+        F: FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        let shared = self.shared().clone();
+        if shared.is_closed() {
+            return Err(WriteError::Closed);
+        }
+        tokio::task::spawn_blocking(move || shared.with_reader(|conn| f(conn)))
+            .await
+            .map_err(|_| WriteError::JobPanicked)?
+            .and_then(|r| r)
+            .map_err(WriteError::from)
     }
 
     fn shared(&self) -> &Arc<Shared> {

@@ -42,6 +42,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::checkpoint::Checkpointer;
 use crate::error::{Fail, FromSqlite};
+use crate::job::{Finish, Job, WriteError, WriteTx};
 use crate::row::{millis, StoredRow, ROW_COLUMNS};
 use crate::sync::{Syncer, Waiter};
 use crate::wake::Wakers;
@@ -128,6 +129,8 @@ pub(crate) enum Command {
         undelivered: Vec<LeaseId>,
         reply: Option<oneshot::Sender<()>>,
     },
+    /// A store's own work, in its own savepoint of the open transaction.
+    Job(Box<dyn Job>),
     /// Stops the thread without releasing anything, as a crash would.
     #[cfg(test)]
     Crash,
@@ -153,6 +156,7 @@ impl Command {
             | Command::AddConsumer { .. }
             | Command::Settle { .. }
             | Command::Flush { .. }
+            | Command::Job(_)
             | Command::Close { .. } => true,
             _ => false,
         }
@@ -184,6 +188,7 @@ impl Command {
                     let _ = reply.send(());
                 }
             }
+            Command::Job(job) => job.abort(WriteError::Closed),
             Command::RemoveConsumer { .. } | Command::Release { .. } => {}
             #[cfg(test)]
             Command::Crash => {}
@@ -232,9 +237,23 @@ impl Command {
                     let _ = reply.send(());
                 }
             }
+            Command::Job(job) => job.abort(WriteError::from(clone_error(e))),
             #[cfg(test)]
             Command::Crash => {}
         }
+    }
+}
+
+/// A copy of an SQLite error, for answering several waiters with it.
+fn clone_error(e: &rusqlite::Error) -> rusqlite::Error {
+    match e {
+        rusqlite::Error::SqliteFailure(code, message) => {
+            rusqlite::Error::SqliteFailure(*code, message.clone())
+        }
+        other => rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+            Some(other.to_string()),
+        ),
     }
 }
 
@@ -301,6 +320,8 @@ enum Done {
         LeaseId,
         QueueName,
     ),
+    /// A job, answered once committed and on disk.
+    Job(Finish),
 }
 
 /// How long to wait before retrying internal commands after a failure.
@@ -310,7 +331,7 @@ const RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// publishes) stays open for more commands before it commits.
 const LINGER: Duration = Duration::from_millis(5);
 
-struct Writer {
+pub(crate) struct Writer {
     conn: Connection,
     checkpointer: Checkpointer,
     syncer: Option<Syncer>,
@@ -626,6 +647,17 @@ impl Writer {
             Done::Flush(reply) => {
                 let _ = reply.send(());
             }
+            Done::Job(finish) => match error {
+                Some(e) => finish(Err(WriteError::from(clone_error(e)))),
+                None => durable.push(Box::new(move |synced: Option<&std::io::Error>| {
+                    finish(synced.map_or(Ok(()), |e| {
+                        Err(WriteError::Disk(Arc::new(std::io::Error::new(
+                            e.kind(),
+                            e.to_string(),
+                        ))))
+                    }));
+                })),
+            },
             Done::Settle(reply, result, lease, queue) => {
                 let result = match error {
                     Some(e) => Err(sql_error(e)),
@@ -771,6 +803,7 @@ impl Writer {
                 }
             }
             Command::Flush { reply } => done.push(Done::Flush(reply)),
+            Command::Job(job) => self.run_job(job, now, done),
             Command::Close { undelivered, reply } => {
                 if let Err(e) = self.close(&undelivered) {
                     tracing::warn!(error = %e, "releasing leases at close failed; they expire after the lease time");
@@ -780,6 +813,48 @@ impl Writer {
             #[cfg(test)]
             Command::Crash => {}
         }
+    }
+
+    /// Runs a store's job in a savepoint of its own, rolled back if the job
+    /// fails or panics.
+    fn run_job(&mut self, job: Box<dyn Job>, now: i64, done: &mut Vec<Done>) {
+        if let Err(e) = self.exec("SAVEPOINT busway_job", []) {
+            job.abort(WriteError::from(e));
+            return;
+        }
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            job.run(&mut WriteTx { writer: self, now })
+        }));
+        match ran {
+            Ok(Some(finish)) => match self.exec("RELEASE busway_job", []) {
+                Ok(_) => {
+                    done.push(Done::Job(finish));
+                    return;
+                }
+                Err(e) => finish(Err(WriteError::from(e))),
+            },
+            Ok(None) => {}
+            Err(_) => tracing::error!("a write job panicked; its changes are rolled back"),
+        }
+        if !self.conn.is_autocommit() {
+            let _ = self.exec("ROLLBACK TO busway_job", []);
+            let _ = self.exec("RELEASE busway_job", []);
+        }
+        self.invalidate_caches();
+    }
+
+    /// The write connection.
+    pub(crate) fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Publishes from a job: like a publish command, inside the job's savepoint.
+    pub(crate) fn publish_in_job(
+        &mut self,
+        batch: &[Publish],
+        now: i64,
+    ) -> Result<(), Fail<PublishError>> {
+        self.publish(batch, now)
     }
 
     /// Runs `f` in a savepoint, rolled back if SQLite fails.
