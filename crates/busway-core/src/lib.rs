@@ -17,6 +17,7 @@ mod delivery;
 mod error;
 pub mod event_store;
 pub mod headers;
+pub mod inbox;
 mod message;
 mod topology;
 mod transport;

@@ -44,6 +44,7 @@ pub mod correlation;
 pub mod dedup;
 mod envelope;
 mod error;
+mod inbox;
 mod rate_limit;
 mod retry;
 mod timeout;

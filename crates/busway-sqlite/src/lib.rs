@@ -59,6 +59,7 @@ mod checkpoint;
 mod config;
 mod consumer;
 mod error;
+mod inbox;
 mod event_store;
 mod job;
 mod row;
@@ -69,6 +70,7 @@ mod wake;
 mod writer;
 
 pub use config::{SqliteConfig, Synchronous};
+pub use inbox::SqliteInbox;
 pub use event_store::SqliteEventStore;
 pub use job::{WriteError, WriteTx};
 /// The SQLite bindings [`WriteTx::connection`] and [`SqliteTransport::read`] hand out.

@@ -433,13 +433,37 @@ impl SqliteTransport {
         R: Send + 'static,
         E: From<WriteError> + Send + 'static,
     {
+        self.run_job(job, false).await
+    }
+
+    /// Like [`write`](Self::write), but answered as soon as the job ran,
+    /// before its transaction commits: a crash may still lose it. What this
+    /// transport does after it returns (an ack, another write) commits in
+    /// the same transaction or a later one, never before it — enough for
+    /// bookkeeping whose loss only means work is done again, at the cost of
+    /// no commit wait.
+    pub async fn write_buffered<R, E, F>(&self, job: F) -> Result<R, E>
+    where
+        F: FnOnce(&mut WriteTx<'_>) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<WriteError> + Send + 'static,
+    {
+        self.run_job(job, true).await
+    }
+
+    async fn run_job<R, E, F>(&self, job: F, buffered: bool) -> Result<R, E>
+    where
+        F: FnOnce(&mut WriteTx<'_>) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<WriteError> + Send + 'static,
+    {
         let shared = self.shared();
         if shared.is_closed() {
             return Err(E::from(WriteError::Closed));
         }
         let (reply, rx) = oneshot::channel();
         let job: Box<dyn Job> = Box::new(TypedJob { job, reply });
-        if shared.tx.send(Command::Job(job)).is_err() {
+        if shared.tx.send(Command::Job { job, buffered }).is_err() {
             return Err(E::from(WriteError::Closed));
         }
         match rx.await {

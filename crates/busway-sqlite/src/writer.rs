@@ -130,7 +130,11 @@ pub(crate) enum Command {
         reply: Option<oneshot::Sender<()>>,
     },
     /// A store's own work, in its own savepoint of the open transaction.
-    Job(Box<dyn Job>),
+    /// `buffered`: answered once it ran, before the commit.
+    Job {
+        job: Box<dyn Job>,
+        buffered: bool,
+    },
     /// Stops the thread without releasing anything, as a crash would.
     #[cfg(test)]
     Crash,
@@ -156,7 +160,9 @@ impl Command {
             | Command::AddConsumer { .. }
             | Command::Settle { .. }
             | Command::Flush { .. }
-            | Command::Job(_)
+            | Command::Job {
+                buffered: false, ..
+            }
             | Command::Close { .. } => true,
             _ => false,
         }
@@ -188,7 +194,7 @@ impl Command {
                     let _ = reply.send(());
                 }
             }
-            Command::Job(job) => job.abort(WriteError::Closed),
+            Command::Job { job, .. } => job.abort(WriteError::Closed),
             Command::RemoveConsumer { .. } | Command::Release { .. } => {}
             #[cfg(test)]
             Command::Crash => {}
@@ -237,7 +243,7 @@ impl Command {
                     let _ = reply.send(());
                 }
             }
-            Command::Job(job) => job.abort(WriteError::from(clone_error(e))),
+            Command::Job { job, .. } => job.abort(WriteError::from(clone_error(e))),
             #[cfg(test)]
             Command::Crash => {}
         }
@@ -803,7 +809,7 @@ impl Writer {
                 }
             }
             Command::Flush { reply } => done.push(Done::Flush(reply)),
-            Command::Job(job) => self.run_job(job, now, done),
+            Command::Job { job, buffered } => self.run_job(job, buffered, now, done),
             Command::Close { undelivered, reply } => {
                 if let Err(e) = self.close(&undelivered) {
                     tracing::warn!(error = %e, "releasing leases at close failed; they expire after the lease time");
@@ -817,7 +823,7 @@ impl Writer {
 
     /// Runs a store's job in a savepoint of its own, rolled back if the job
     /// fails or panics.
-    fn run_job(&mut self, job: Box<dyn Job>, now: i64, done: &mut Vec<Done>) {
+    fn run_job(&mut self, job: Box<dyn Job>, buffered: bool, now: i64, done: &mut Vec<Done>) {
         if let Err(e) = self.exec("SAVEPOINT busway_job", []) {
             job.abort(WriteError::from(e));
             return;
@@ -827,6 +833,10 @@ impl Writer {
         }));
         match ran {
             Ok(Some(finish)) => match self.exec("RELEASE busway_job", []) {
+                Ok(_) if buffered => {
+                    finish(Ok(()));
+                    return;
+                }
                 Ok(_) => {
                     done.push(Done::Job(finish));
                     return;
