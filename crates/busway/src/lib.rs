@@ -32,6 +32,7 @@
 use std::sync::Arc;
 
 mod bus;
+pub mod dead_letters;
 mod handler;
 pub mod pubsub;
 pub mod rpc;

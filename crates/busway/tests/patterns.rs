@@ -16,7 +16,7 @@ use busway::{
     Bus, Event, HandlerError, Message, Publish, QueueName, RetryPolicy, RpcError, Topic, Transport,
 };
 use serde::{Deserialize, Serialize};
-use support::{next_dead_letter, unique, Backend, PATIENCE};
+use support::{next_dead_letter, unique, PATIENCE};
 use tokio::sync::mpsc;
 
 type T = Arc<dyn Transport>;
@@ -400,45 +400,7 @@ async fn task_unknown_type_and_malformed_to_dead_letter(t: T) -> anyhow::Result<
     Ok(())
 }
 
-macro_rules! on_every_backend {
-    ($($case:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() -> anyhow::Result<()> {
-                    let backend: super::Backend = super::support::memory();
-                    super::$case(backend.transport.clone()).await
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() -> anyhow::Result<()> {
-                    let backend: super::Backend = super::support::sqlite().await?;
-                    let result = super::$case(backend.transport.clone()).await;
-                    backend.transport.close().await;
-                    result
-                }
-            )*
-        }
-        mod rabbitmq {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() -> anyhow::Result<()> {
-                    let Some(backend) = super::support::rabbitmq().await? else {
-                        return Ok(());
-                    };
-                    let result = super::$case(backend.transport.clone()).await;
-                    backend.transport.close().await;
-                    result
-                }
-            )*
-        }
-    };
-}
-
-on_every_backend!(
+support::on_every_backend!(
     rpc_round_trip,
     rpc_many_in_flight,
     rpc_timeout_and_late_reply,

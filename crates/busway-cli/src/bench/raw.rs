@@ -9,6 +9,8 @@
 //! - `amqp://`: plain lapin on a queue of its own: persistent publishes with
 //!   publisher confirms, `window` in flight per publisher; consumers with
 //!   `basic.qos(prefetch)` acknowledging each message.
+//! - `postgres://`: plain sqlx running the transport's statements on a table
+//!   of its own (see `postgres`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +22,7 @@ use busway::sqlite::{SqliteConfig, Synchronous};
 use rusqlite::{params, Connection};
 
 mod amqp;
+mod postgres;
 
 use super::{latency_us, new_histogram, stamped_payload, BenchArgs, Measured};
 
@@ -35,6 +38,7 @@ pub(super) async fn run(args: &BenchArgs) -> anyhow::Result<(&'static str, Measu
         }
         "memory" => Ok(("tokio mpsc", raw_channel(args).await?)),
         "amqp" | "amqps" => Ok(("raw lapin", amqp::run(args).await?)),
+        "postgres" | "postgresql" => Ok(("raw sqlx", postgres::run(args).await?)),
         other => bail!("no raw baseline for `{other}://` yet"),
     }
 }

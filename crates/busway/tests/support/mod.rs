@@ -61,13 +61,63 @@ pub(crate) async fn next_dead_letter(
     transport: &Arc<dyn Transport>,
     queue: &QueueName,
 ) -> anyhow::Result<Delivery> {
-    let dlq = queue.dead_letter_queue();
+    next_message(transport, &queue.dead_letter_queue()).await
+}
+
+/// Runs each named `async fn(Arc<dyn Transport>) -> anyhow::Result<()>` of the
+/// calling test file as one test per backend: `memory::case`, `sqlite::case`,
+/// `rabbitmq::case` (skipped without `BUSWAY_TEST_AMQP_URL`, failing with
+/// `BUSWAY_REQUIRE_BROKERS=1`).
+macro_rules! on_every_backend {
+    ($($case:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() -> anyhow::Result<()> {
+                    let backend: super::support::Backend = super::support::memory();
+                    super::$case(backend.transport.clone()).await
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() -> anyhow::Result<()> {
+                    let backend: super::support::Backend = super::support::sqlite().await?;
+                    let result = super::$case(backend.transport.clone()).await;
+                    backend.transport.close().await;
+                    result
+                }
+            )*
+        }
+        mod rabbitmq {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() -> anyhow::Result<()> {
+                    let Some(backend) = super::support::rabbitmq().await? else {
+                        return Ok(());
+                    };
+                    let result = super::$case(backend.transport.clone()).await;
+                    backend.transport.close().await;
+                    result
+                }
+            )*
+        }
+    };
+}
+pub(crate) use on_every_backend;
+
+/// The next message of `queue`, unsettled.
+pub(crate) async fn next_message(
+    transport: &Arc<dyn Transport>,
+    queue: &QueueName,
+) -> anyhow::Result<Delivery> {
     let mut stream = transport
-        .consume(&dlq, ConsumeOptions::with_prefetch(1))
+        .consume(queue, ConsumeOptions::with_prefetch(1))
         .await?;
     let delivery = tokio::time::timeout(PATIENCE, stream.next())
         .await
-        .context("no dead letter arrived")?
-        .context("dead-letter stream ended")??;
+        .context("no message arrived")?
+        .context("the stream ended")??;
     Ok(delivery)
 }
