@@ -7,6 +7,7 @@
 //! | `sqlite://PATH` (the default, [`DEFAULT_URL`]) | embedded, durable, zero setup |
 //! | `memory://` | in-process, fastest, not durable |
 //! | `amqp://`, `amqps://` | RabbitMQ (feature `rabbitmq`), reference wire format |
+//! | `postgres://`, `postgresql://` | PostgreSQL (feature `postgres`), queues in your database |
 //!
 //! ```
 //! use busway::{Message, Publish, QueueName, QueueSpec, ConsumeOptions};
@@ -43,6 +44,8 @@ pub use bus::{Bus, BusStats, SendError, SetupError};
 pub use busway_core::*;
 #[cfg(feature = "memory")]
 pub use busway_memory as memory;
+#[cfg(feature = "postgres")]
+pub use busway_postgres as postgres;
 #[cfg(feature = "rabbitmq")]
 pub use busway_rabbitmq as rabbitmq;
 #[cfg(feature = "sqlite")]
@@ -72,6 +75,10 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Transport>, ConnectError> {
         "amqp" | "amqps" => Ok(Arc::new(
             busway_rabbitmq::RabbitMqTransport::connect(url).await?,
         )),
+        #[cfg(feature = "postgres")]
+        "postgres" | "postgresql" => Ok(Arc::new(
+            busway_postgres::PostgresTransport::connect(url).await?,
+        )),
         _ => Err(ConnectError::InvalidUrl {
             url: redact_url(url),
             reason: format!(
@@ -92,6 +99,8 @@ pub fn supported_schemes() -> Vec<&'static str> {
     schemes.push("memory://");
     #[cfg(feature = "rabbitmq")]
     schemes.extend(["amqp://", "amqps://"]);
+    #[cfg(feature = "postgres")]
+    schemes.extend(["postgres://", "postgresql://"]);
     schemes
 }
 
