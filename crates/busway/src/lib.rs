@@ -35,8 +35,11 @@ use std::sync::Arc;
 mod bus;
 pub mod dead_letters;
 mod handler;
+pub mod middleware;
 pub mod pubsub;
+pub mod routing;
 pub mod rpc;
+pub mod stream;
 pub mod tasks;
 mod time;
 

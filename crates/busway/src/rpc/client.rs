@@ -213,6 +213,7 @@ async fn call<T: DeserializeOwned>(request: Request<T>) -> Result<T, RpcError> {
         .with_correlation_id(correlation_id.clone())
         .with_reply_to(client.reply_queue.as_str())
         .with_ttl(timeout);
+    let message = crate::middleware::MessageContext::stamp_header(message);
     let (tx, rx) = oneshot::channel();
     lock(&client.pending).insert(correlation_id.clone(), tx);
     let _guard = PendingGuard {

@@ -59,6 +59,10 @@ pub enum RpcError {
     /// The bus has been shut down.
     #[error("the bus has been shut down")]
     ShutDown,
+    /// A middleware layer on the call refused or gave up on it (timeout,
+    /// open circuit breaker, rate limit).
+    #[error(transparent)]
+    Layer(#[from] busway_middleware::LayerError),
 }
 
 impl RpcError {
@@ -68,6 +72,7 @@ impl RpcError {
         match self {
             Self::Timeout { .. } | Self::NoSuchService(_) | Self::ReplyQueue(_) => true,
             Self::Publish(e) => e.is_retryable(),
+            Self::Layer(e) => e.is_retryable(),
             _ => false,
         }
     }

@@ -14,11 +14,13 @@
 mod client;
 mod error;
 mod server;
+mod service;
 mod wire;
 
 pub use client::{Request, DEFAULT_TIMEOUT};
 pub use error::RpcError;
 pub use server::{RegisterRequestHandler, DEFAULT_RPC_CONCURRENCY};
+pub use service::{RpcCall, RpcService};
 
 pub(crate) use client::RpcClient;
 pub(crate) use server::MethodTable;

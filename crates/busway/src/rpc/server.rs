@@ -16,8 +16,10 @@ use serde_json::Value;
 use super::wire::{service_queue, RequestBody, ResponseBody};
 use crate::bus::{lock, settle_logged, Bus, Counters, SetupError};
 use crate::handler::{panic_message, HandlerError};
+use crate::middleware::{Envelope, HandlerLayers, HandlerService, MethodRequest};
 
-type Method = Arc<dyn Fn(Value) -> BoxFuture<'static, Result<Value, String>> + Send + Sync>;
+type Method =
+    Arc<dyn Fn(MethodRequest) -> BoxFuture<'static, Result<Value, HandlerError>> + Send + Sync>;
 
 /// The methods of one service on this bus.
 #[derive(Default)]
@@ -56,6 +58,7 @@ pub struct RegisterRequestHandler {
     method: String,
     handler: Method,
     concurrency: usize,
+    layers: HandlerLayers<MethodRequest, Value>,
 }
 
 impl std::fmt::Debug for RegisterRequestHandler {
@@ -74,6 +77,38 @@ impl RegisterRequestHandler {
     /// handler, which starts its consumer.
     pub fn concurrency(mut self, concurrency: usize) -> Self {
         self.concurrency = concurrency.max(1);
+        self
+    }
+    /// Runs this method's requests through `layer` (see
+    /// [`middleware`](crate::middleware)); the first layer added is the
+    /// outermost. A layer's request is a [`MethodRequest`] (the params as
+    /// JSON, the method in `kind`); its errors are answered as error responses.
+    ///
+    /// ```
+    /// use busway::middleware::{CircuitBreakerLayer, RateLimitLayer};
+    /// use std::time::Duration;
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let bus = busway::Bus::connect("memory://").await?;
+    /// bus.register_request_handler("geo", "lookup", |ip: String| async move { Ok(ip.len()) })
+    ///     .layer(RateLimitLayer::new(100, Duration::from_secs(1)).rejecting())
+    ///     .layer(CircuitBreakerLayer::default())
+    ///     .await?;
+    /// # bus.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(run()).unwrap();
+    /// ```
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: tower::Layer<HandlerService<MethodRequest, Value>> + Send + Sync + 'static,
+        L::Service: tower::Service<MethodRequest, Response = Value, Error = HandlerError>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        <L::Service as tower::Service<MethodRequest>>::Future: Send + 'static,
+    {
+        self.layers.push(layer);
         self
     }
 }
@@ -135,15 +170,17 @@ impl Bus {
     {
         let handler = Arc::new(handler);
         let name = method.to_owned();
-        let erased: Method = Arc::new(move |params: Value| {
+        let erased: Method = Arc::new(move |request: MethodRequest| {
             let handler = handler.clone();
             let name = name.clone();
             async move {
-                let params: P = serde_json::from_value(params)
-                    .map_err(|e| format!("invalid params for `{name}`: {e}"))?;
-                let result = handler(params).await.map_err(|e| e.to_string())?;
-                serde_json::to_value(result)
-                    .map_err(|e| format!("could not encode the result of `{name}`: {e}"))
+                let params: P = serde_json::from_value(request.body).map_err(|e| {
+                    HandlerError::permanent(format!("invalid params for `{name}`: {e}"))
+                })?;
+                let result = handler(params).await?;
+                serde_json::to_value(result).map_err(|e| {
+                    HandlerError::permanent(format!("could not encode the result of `{name}`: {e}"))
+                })
             }
             .boxed()
         });
@@ -153,6 +190,7 @@ impl Bus {
             method: method.to_owned(),
             handler: erased,
             concurrency: DEFAULT_RPC_CONCURRENCY,
+            layers: HandlerLayers::default(),
         }
     }
 }
@@ -174,7 +212,21 @@ async fn register(reg: RegisterRequestHandler) -> Result<(), SetupError> {
             }
         }
     };
-    table.insert(reg.method, reg.handler);
+    let handler = if reg.layers.is_empty() {
+        reg.handler
+    } else {
+        let erased = reg.handler;
+        let base = HandlerService::new(tower::service_fn(move |request: MethodRequest| {
+            erased(request)
+        }));
+        let service = reg.layers.wrap(base);
+        let layered: Method = Arc::new(move |request: MethodRequest| {
+            use tower::ServiceExt;
+            service.clone().oneshot(request).boxed()
+        });
+        layered
+    };
+    table.insert(reg.method, handler);
     if !start {
         return Ok(());
     }
@@ -225,12 +277,19 @@ async fn serve(bus: Bus, table: Arc<MethodTable>, delivery: Delivery) {
             None => ResponseBody::Error {
                 message: format!("unknown method: {}", request.method),
             },
-            Some(method) => match AssertUnwindSafe(method(request.params))
-                .catch_unwind()
-                .await
+            Some(method) => match AssertUnwindSafe(method(Envelope::new(
+                message.clone(),
+                delivery.attempt(),
+                request.method,
+                request.params,
+            )))
+            .catch_unwind()
+            .await
             {
                 Ok(Ok(data)) => ResponseBody::Success { data },
-                Ok(Err(message)) => ResponseBody::Error { message },
+                Ok(Err(error)) => ResponseBody::Error {
+                    message: error.to_string(),
+                },
                 Err(panic) => {
                     Counters::bump(&counters.panics);
                     ResponseBody::Error {

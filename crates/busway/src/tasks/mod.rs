@@ -24,6 +24,7 @@ use uuid::Uuid;
 
 use crate::bus::{lock, Bus, Counters, SendError, SetupError};
 use crate::handler::{reject, run_caught, settle_failure, HandlerError, RetryPolicy};
+use crate::middleware::{Envelope, HandlerLayers, HandlerService, MessageContext, TaskRequest};
 
 /// The reference task queue's name.
 pub const TASK_QUEUE: &str = "task_queue";
@@ -185,7 +186,9 @@ impl TaskQueue {
             queue: self.clone(),
             workers: 4,
             prefetch: 1,
+            concurrency: 1,
             retry: RetryPolicy::default(),
+            layers: HandlerLayers::default(),
         }
     }
 
@@ -222,14 +225,29 @@ impl TaskQueue {
     }
 }
 
-/// Starting workers: set their number, prefetch and retry policy, then `.await`.
+/// Starting workers: set their number, prefetch, retry policy and
+/// middleware, then `.await`.
 #[must_use = "the workers start when this is awaited"]
-#[derive(Debug)]
 pub struct StartWorkers {
     queue: TaskQueue,
     workers: usize,
     prefetch: u16,
+    concurrency: usize,
     retry: RetryPolicy,
+    layers: HandlerLayers<TaskRequest, ()>,
+}
+
+impl std::fmt::Debug for StartWorkers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StartWorkers")
+            .field("queue", &self.queue)
+            .field("workers", &self.workers)
+            .field("prefetch", &self.prefetch)
+            .field("concurrency", &self.concurrency)
+            .field("retry", &self.retry)
+            .field("layers", &self.layers.len())
+            .finish()
+    }
 }
 
 impl StartWorkers {
@@ -248,6 +266,49 @@ impl StartWorkers {
         self.retry = retry;
         self
     }
+    /// How many tasks each worker runs at once (default 1; at most its
+    /// prefetch is useful).
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency.max(1);
+        self
+    }
+    /// Runs every task of these workers through `layer` (see
+    /// [`middleware`](crate::middleware)); the first layer added is the
+    /// outermost. A layer's request is a [`TaskRequest`] (the params as JSON,
+    /// the task type in `kind`). Unknown task types and malformed bodies are
+    /// dead-lettered before the layers run.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use busway::middleware::{ConcurrencyLimitLayer, TimeoutLayer};
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let bus = busway::Bus::connect("memory://").await?;
+    /// bus.register_task_handler("resize", |_: serde_json::Value| async { Ok(()) });
+    /// bus.start_task_workers()
+    ///     .workers(2)
+    ///     .prefetch(8)
+    ///     .concurrency(8)
+    ///     .layer(ConcurrencyLimitLayer::new(4)) // at most 4 resizes at once, all workers together
+    ///     .layer(TimeoutLayer::new(Duration::from_secs(30)))
+    ///     .await?;
+    /// # bus.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(run()).unwrap();
+    /// ```
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: tower::Layer<HandlerService<TaskRequest, ()>> + Send + Sync + 'static,
+        L::Service: tower::Service<TaskRequest, Response = (), Error = HandlerError>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        <L::Service as tower::Service<TaskRequest>>::Future: Send + 'static,
+    {
+        self.layers.push(layer);
+        self
+    }
 }
 
 impl IntoFuture for StartWorkers {
@@ -262,6 +323,7 @@ impl IntoFuture for StartWorkers {
             }
             queue.declare().await?;
             let retry = Arc::new(self.retry);
+            let service = (!self.layers.is_empty()).then(|| self.layers.wrap(dispatch(&queue)));
             for _ in 0..self.workers {
                 let stream = queue
                     .bus
@@ -271,18 +333,49 @@ impl IntoFuture for StartWorkers {
                     .await?;
                 let worker_queue = queue.clone();
                 let retry = retry.clone();
-                queue
-                    .bus
-                    .spawn_consumer(queue.queue.clone(), stream, 1, move |delivery| {
-                        run_task(worker_queue.clone(), retry.clone(), delivery)
-                    });
+                let service = service.clone();
+                queue.bus.spawn_consumer(
+                    queue.queue.clone(),
+                    stream,
+                    self.concurrency,
+                    move |delivery| {
+                        run_task(
+                            worker_queue.clone(),
+                            retry.clone(),
+                            service.clone(),
+                            delivery,
+                        )
+                    },
+                );
             }
             Ok(())
         })
     }
 }
 
-async fn run_task(queue: TaskQueue, retry: Arc<RetryPolicy>, delivery: Delivery) {
+/// The task handlers of `queue` as one service, dispatching on the task type.
+fn dispatch(queue: &TaskQueue) -> HandlerService<TaskRequest, ()> {
+    let queue = queue.clone();
+    HandlerService::new(tower::service_fn(move |task: TaskRequest| {
+        let handler = queue.handler(&task.kind);
+        async move {
+            match handler {
+                Some(handler) => handler(task.body).await,
+                None => Err(HandlerError::permanent(format!(
+                    "unknown task type: {}",
+                    task.kind
+                ))),
+            }
+        }
+    }))
+}
+
+async fn run_task(
+    queue: TaskQueue,
+    retry: Arc<RetryPolicy>,
+    service: Option<HandlerService<TaskRequest, ()>>,
+    delivery: Delivery,
+) {
     let counters = queue.bus.inner.counters.clone();
     if delivery.attempt() > retry.max_attempts {
         let reason = format!("max attempts ({}) exceeded", retry.max_attempts);
@@ -300,7 +393,20 @@ async fn run_task(queue: TaskQueue, retry: Arc<RetryPolicy>, delivery: Delivery)
         return reject(delivery, reason, &counters).await;
     };
     let what = format!("task `{}`", body.kind);
-    match run_caught(handler(body.params), &counters).await {
+    let outcome = match service {
+        None => run_caught(handler(body.params), &counters).await,
+        Some(service) => {
+            use tower::ServiceExt;
+            let task = Envelope::new(
+                delivery.message().clone(),
+                delivery.attempt(),
+                body.kind,
+                body.params,
+            );
+            run_caught(service.oneshot(task), &counters).await
+        }
+    };
+    match outcome {
         Ok(()) => {
             let name = delivery.queue().clone();
             crate::bus::settle_logged(delivery.ack().await, &name, "acking a task").await;
@@ -356,7 +462,9 @@ impl IntoFuture for SubmitTask {
                 timestamp: Some(crate::time::now_iso8601()),
                 priority: Some(i64::from(self.priority.get())),
             };
-            let message = Message::json(self.task_type, &body)?.with_priority(self.priority);
+            let message = MessageContext::stamp(
+                Message::json(self.task_type, &body)?.with_priority(self.priority),
+            );
             let id = message.id;
             let mut publish = Publish::to_queue(queue.queue.clone(), message);
             if let Some(delay) = self.delay {
