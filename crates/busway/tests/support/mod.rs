@@ -1,6 +1,6 @@
 //! Shared by the pattern tests: backends to run on, unique names, waiting.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros, unused_imports)]
 
 use std::sync::Arc;
 use std::time::Duration;
