@@ -32,8 +32,9 @@ pub struct PostgresConfig {
     pub lease: Duration,
     /// Largest payload accepted. Default [`DEFAULT_MAX_PAYLOAD_BYTES`].
     pub max_payload_bytes: usize,
-    /// Most connections the pool opens (the transport's and the stores'
-    /// sharing it). The wake-up listener holds one more. Default 10.
+    /// Most connections the pool opens, for the transport (its wake-up
+    /// listener holds one for good) and the stores sharing it. Default 10;
+    /// at least 2.
     pub max_connections: u32,
     /// Most messages inserted by one publish transaction, and most
     /// settlements applied by one settle transaction. Default 1024.
@@ -157,8 +158,10 @@ impl PostgresConfig {
                  (busway parameters: {BUSWAY_PARAMETERS})"
             ));
         }
-        if self.max_connections == 0 {
-            return Err("max_connections must be at least 1".into());
+        if self.max_connections < 2 {
+            return Err(
+                "max_connections must be at least 2 (the wake-up listener holds one)".into(),
+            );
         }
         Ok(())
     }
@@ -167,7 +170,7 @@ impl PostgresConfig {
     pub(crate) fn normalized(mut self) -> Self {
         self.lease = self.lease.max(Duration::from_millis(30));
         self.max_batch = self.max_batch.max(1);
-        self.max_connections = self.max_connections.max(1);
+        self.max_connections = self.max_connections.max(2);
         self
     }
 

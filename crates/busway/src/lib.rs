@@ -33,6 +33,7 @@
 use std::sync::Arc;
 
 mod bus;
+pub mod es;
 pub mod dead_letters;
 mod handler;
 pub mod middleware;
