@@ -37,6 +37,29 @@ impl QueueName {
         Ok(Self(name.into()))
     }
 
+    /// A reply address taken from a request's `reply_to`, which the broker
+    /// may have generated with characters a declared queue name may not
+    /// have (RabbitMQ's direct reply-to: `amq.rabbitmq.reply-to.g1h…==`).
+    /// Accepts 1–255 bytes of visible ASCII.
+    ///
+    /// ```
+    /// use busway_core::QueueName;
+    /// assert!(QueueName::reply_address("amq.rabbitmq.reply-to.g1hkABFy/YQ==").is_ok());
+    /// assert!(QueueName::reply_address("two words").is_err());
+    /// ```
+    pub fn reply_address(address: impl AsRef<str>) -> Result<Self, NameError> {
+        let address = address.as_ref();
+        check_len("reply address", address)?;
+        if let Some(c) = address.chars().find(|c| !c.is_ascii_graphic()) {
+            return Err(NameError::InvalidCharacter {
+                what: "reply address",
+                name: address.to_owned(),
+                character: c,
+            });
+        }
+        Ok(Self(address.into()))
+    }
+
     /// The name as a string slice.
     pub fn as_str(&self) -> &str {
         &self.0

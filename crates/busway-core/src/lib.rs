@@ -33,7 +33,7 @@ pub use error::{
 pub use message::{unix_millis, Headers, Message, Priority};
 pub use topology::{Binding, QueueSpec};
 pub use transport::{
-    Capabilities, ConsumeOptions, DeliveryStream, Durability, Publish, QueueStats, Support,
-    Transport, DEFAULT_MAX_PAYLOAD_BYTES,
+    Capabilities, ConsumeOptions, DeliveryStream, DirectReplies, DirectReplyChannel, Durability,
+    Publish, QueueStats, Support, Transport, DEFAULT_MAX_PAYLOAD_BYTES,
 };
 pub use url::redact_url;

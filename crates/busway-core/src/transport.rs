@@ -1,5 +1,6 @@
 //! The transport trait every backend implements.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -147,6 +148,42 @@ pub struct QueueStats {
     pub dead_lettered: u64,
 }
 
+/// Where requests are sent when their replies come straight back to the
+/// sender, with no reply queue: RabbitMQ's direct reply-to. Obtained from
+/// [`Transport::direct_replies`] together with the stream of replies.
+#[async_trait]
+pub trait DirectReplyChannel: Send + Sync + 'static {
+    /// The `reply_to` address the requests sent here must carry.
+    fn reply_to(&self) -> &str;
+
+    /// Sends a request whose `reply_to` is [`reply_to`](Self::reply_to);
+    /// its replies arrive on the [`DirectReplies::replies`] stream. Returns
+    /// once the backend accepted the request, with
+    /// [`PublishError::QueueNotFound`] when nothing consumes its queue.
+    async fn send(&self, publish: Publish) -> Result<(), PublishError>;
+}
+
+/// A [`DirectReplyChannel`] and the replies that come back on it.
+///
+/// Replies are acknowledged by the backend as they arrive (there is no
+/// queue to return them to). Replies to requests sent before the
+/// connection was lost are lost with it; the channel reopens on the next
+/// send. The stream ends when the transport is closed.
+pub struct DirectReplies {
+    /// Where requests go.
+    pub channel: Arc<dyn DirectReplyChannel>,
+    /// The replies, in arrival order.
+    pub replies: BoxStream<'static, Message>,
+}
+
+impl std::fmt::Debug for DirectReplies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirectReplies")
+            .field("reply_to", &self.channel.reply_to())
+            .finish_non_exhaustive()
+    }
+}
+
 /// A message transport: the one trait every backend implements.
 ///
 /// It is dyn-compatible, so applications hold an `Arc<dyn Transport>` and
@@ -183,6 +220,24 @@ pub trait Transport: Send + Sync + 'static {
     async fn declare_temporary_queue(&self, name: &QueueName) -> Result<(), DeclareError> {
         self.declare_queue(&QueueSpec::temporary(name.clone()))
             .await
+    }
+
+    /// Opens a [`DirectReplyChannel`] where the backend has one (RabbitMQ's
+    /// `amq.rabbitmq.reply-to`): requests sent on it get their replies
+    /// without a reply queue. `Ok(None)` (the provided implementation) means
+    /// callers use a [temporary queue](Self::declare_temporary_queue) instead.
+    ///
+    /// ```
+    /// # async fn run(transport: &dyn busway_core::Transport) -> Result<(), busway_core::ConsumeError> {
+    /// match transport.direct_replies().await? {
+    ///     Some(direct) => println!("replies come back to {}", direct.channel.reply_to()),
+    ///     None => println!("declare a reply queue"),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    async fn direct_replies(&self) -> Result<Option<DirectReplies>, ConsumeError> {
+        Ok(None)
     }
 
     /// Binds a queue to a topic pattern. Idempotent.

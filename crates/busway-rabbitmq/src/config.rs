@@ -33,6 +33,12 @@ pub struct RabbitMqConfig {
     pub reconnect_timeout: Duration,
     /// The connection name shown in the management UI.
     pub connection_name: String,
+    /// The longest any one operation (connecting, declaring, publishing
+    /// until confirmed, starting a consumer, reading stats, closing) may
+    /// take, waiting for a reconnect included. Past it the operation fails
+    /// with a retryable error, so a broker that accepts connections but no
+    /// longer answers cannot hang its callers.
+    pub operation_timeout: Duration,
 }
 
 impl Default for RabbitMqConfig {
@@ -44,6 +50,7 @@ impl Default for RabbitMqConfig {
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             reconnect_timeout: Duration::from_secs(10),
             connection_name: "busway".into(),
+            operation_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -72,6 +79,11 @@ impl RabbitMqConfig {
     /// Sets how long calls wait for the broker during an outage.
     pub fn with_reconnect_timeout(mut self, timeout: Duration) -> Self {
         self.reconnect_timeout = timeout;
+        self
+    }
+    /// Sets the time limit of each operation (see [`operation_timeout`](Self::operation_timeout)).
+    pub fn with_operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
         self
     }
     /// Sets the connection name.

@@ -80,6 +80,10 @@ pub(crate) struct Live {
     pub(crate) connection: Connection,
     publishers: Vec<Channel>,
     next: AtomicUsize,
+    /// A channel without publisher confirms, for replies to direct reply-to
+    /// addresses: the broker hands those straight to a channel, so there is
+    /// nothing to confirm.
+    pub(crate) direct_replies: Channel,
 }
 
 impl Live {
@@ -269,10 +273,12 @@ impl Inner {
             ch.confirm_select(ConfirmSelectOptions::default()).await?;
             publishers.push(ch);
         }
+        let direct_replies = connection.create_channel().await?;
         Ok(Arc::new(Live {
             connection,
             publishers,
             next: AtomicUsize::new(0),
+            direct_replies,
         }))
     }
 

@@ -398,7 +398,20 @@ impl RabbitAcker {
     }
 
     async fn settle(self, settlement: Settlement) -> Result<(), SettleError> {
-        let result = self.settle_inner(settlement).await;
+        let limit = self.inner.config.operation_timeout;
+        let result = tokio::time::timeout(limit, self.settle_inner(settlement))
+            .await
+            .unwrap_or_else(|_| {
+                // Unsettled on the broker: it comes back once the channel goes.
+                Err(SettleError::Backend {
+                    source: format!(
+                        "RabbitMQ at {} did not answer within {limit:?}",
+                        self.inner.location
+                    )
+                    .into(),
+                    retryable: true,
+                })
+            });
         self.done();
         result
     }

@@ -52,6 +52,7 @@
 mod config;
 mod connection;
 mod consumer;
+mod direct_reply;
 mod publish;
 mod topology;
 mod wire;
@@ -108,15 +109,26 @@ impl RabbitMqTransport {
                 reason,
             })?;
         let inner = Arc::new(Inner::new(uri, config));
-        inner
-            .connect_first()
-            .await
-            .map_err(|e| ConnectError::Backend {
-                backend: "rabbitmq",
-                location: inner.location.clone(),
-                retryable: e.is_io_error() || reply_code(&e).is_none(),
-                source: Box::new(e),
-            })?;
+        let limit = inner.config.operation_timeout;
+        match tokio::time::timeout(limit, inner.connect_first()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(ConnectError::Backend {
+                    backend: "rabbitmq",
+                    location: inner.location.clone(),
+                    retryable: e.is_io_error() || reply_code(&e).is_none(),
+                    source: Box::new(e),
+                })
+            }
+            Err(_) => {
+                return Err(ConnectError::Backend {
+                    backend: "rabbitmq",
+                    location: inner.location.clone(),
+                    retryable: true,
+                    source: format!("no answer from the broker within {limit:?}").into(),
+                })
+            }
+        }
         Ok(Self { inner })
     }
 
@@ -129,6 +141,26 @@ impl RabbitMqTransport {
     /// The configuration in use.
     pub fn config(&self) -> &RabbitMqConfig {
         &self.inner.config
+    }
+}
+
+fn stats_error(f: Fail) -> StatsError {
+    match f {
+        Fail::Closed => StatsError::Closed,
+        f => StatsError::Backend {
+            retryable: f.retryable(),
+            source: f.into_source(),
+        },
+    }
+}
+
+fn consume_error(f: Fail) -> busway_core::ConsumeError {
+    match f {
+        Fail::Closed => busway_core::ConsumeError::Closed,
+        f => busway_core::ConsumeError::Backend {
+            retryable: f.retryable(),
+            source: f.into_source(),
+        },
     }
 }
 
@@ -158,6 +190,91 @@ impl Transport for RabbitMqTransport {
     }
 
     async fn declare_queue(&self, spec: &QueueSpec) -> Result<(), DeclareError> {
+        self.within(self.declare_queue_now(spec))
+            .await
+            .unwrap_or_else(|e| Err(declare_error(e)))
+    }
+
+    /// An exclusive queue (as the reference RPC clients declare their reply
+    /// queues): only this transport's connection may use it, the broker
+    /// deletes it when the connection closes, and a reconnect declares it
+    /// again, empty.
+    async fn declare_temporary_queue(&self, name: &QueueName) -> Result<(), DeclareError> {
+        self.inner.mark_exclusive(name);
+        self.declare_queue(&QueueSpec::temporary(name.clone()))
+            .await
+    }
+
+    /// RabbitMQ's direct reply-to: requests carry `reply_to:
+    /// amq.rabbitmq.reply-to` and are published (with confirms) on a
+    /// channel that consumes that pseudo-queue without acks, so replies need
+    /// no queue at all.
+    async fn direct_replies(
+        &self,
+    ) -> Result<Option<busway_core::DirectReplies>, busway_core::ConsumeError> {
+        self.within(direct_reply::open(self.inner.clone()))
+            .await
+            .unwrap_or_else(|e| Err(consume_error(e)))
+            .map(Some)
+    }
+
+    async fn bind(&self, binding: &Binding) -> Result<(), DeclareError> {
+        self.within(self.bind_now(binding))
+            .await
+            .unwrap_or_else(|e| Err(declare_error(e)))
+    }
+
+    async fn publish_batch(
+        &self,
+        batch: Vec<Publish>,
+        durability: Durability,
+    ) -> Result<(), PublishError> {
+        self.within(self.inner.publish_batch(batch, durability))
+            .await
+            .unwrap_or_else(|e| Err(publish::publish_error(e)))
+    }
+
+    async fn consume(
+        &self,
+        queue: &QueueName,
+        options: ConsumeOptions,
+    ) -> Result<DeliveryStream, busway_core::ConsumeError> {
+        self.within(consumer::start(
+            self.inner.clone(),
+            queue.clone(),
+            options.prefetch,
+        ))
+        .await
+        .unwrap_or_else(|e| Err(consume_error(e)))
+    }
+
+    async fn queue_stats(&self, queue: &QueueName) -> Result<QueueStats, StatsError> {
+        self.within(self.queue_stats_now(queue))
+            .await
+            .unwrap_or_else(|e| Err(stats_error(e)))
+    }
+
+    async fn close(&self) {
+        let _ = self.within(self.inner.close()).await;
+    }
+}
+
+impl RabbitMqTransport {
+    /// Runs one operation within [`RabbitMqConfig::operation_timeout`].
+    async fn within<T>(&self, operation: impl std::future::Future<Output = T>) -> Result<T, Fail> {
+        let limit = self.inner.config.operation_timeout;
+        tokio::time::timeout(limit, operation).await.map_err(|_| {
+            Fail::Unavailable(
+                format!(
+                    "RabbitMQ at {} did not answer within {limit:?}",
+                    self.inner.location
+                )
+                .into(),
+            )
+        })
+    }
+
+    async fn declare_queue_now(&self, spec: &QueueSpec) -> Result<(), DeclareError> {
         spec.validate()?;
         if self.inner.is_closed() {
             return Err(DeclareError::Closed);
@@ -192,17 +309,7 @@ impl Transport for RabbitMqTransport {
         }
     }
 
-    /// An exclusive queue (as the reference RPC clients declare their reply
-    /// queues): only this transport's connection may use it, the broker
-    /// deletes it when the connection closes, and a reconnect declares it
-    /// again, empty.
-    async fn declare_temporary_queue(&self, name: &QueueName) -> Result<(), DeclareError> {
-        self.inner.mark_exclusive(name);
-        self.declare_queue(&QueueSpec::temporary(name.clone()))
-            .await
-    }
-
-    async fn bind(&self, binding: &Binding) -> Result<(), DeclareError> {
+    async fn bind_now(&self, binding: &Binding) -> Result<(), DeclareError> {
         if self.inner.is_closed() {
             return Err(DeclareError::Closed);
         }
@@ -219,30 +326,7 @@ impl Transport for RabbitMqTransport {
         }
     }
 
-    async fn publish_batch(
-        &self,
-        batch: Vec<Publish>,
-        durability: Durability,
-    ) -> Result<(), PublishError> {
-        self.inner.publish_batch(batch, durability).await
-    }
-
-    async fn consume(
-        &self,
-        queue: &QueueName,
-        options: ConsumeOptions,
-    ) -> Result<DeliveryStream, busway_core::ConsumeError> {
-        consumer::start(self.inner.clone(), queue.clone(), options.prefetch).await
-    }
-
-    async fn queue_stats(&self, queue: &QueueName) -> Result<QueueStats, StatsError> {
-        let stats_error = |f: Fail| match f {
-            Fail::Closed => StatsError::Closed,
-            f => StatsError::Backend {
-                retryable: f.retryable(),
-                source: f.into_source(),
-            },
-        };
+    async fn queue_stats_now(&self, queue: &QueueName) -> Result<QueueStats, StatsError> {
         let live = self.inner.live().await.map_err(stats_error)?;
         let conn = &live.connection;
         let passive = |name: String| async move {
@@ -274,10 +358,6 @@ impl Transport for RabbitMqTransport {
             consumers: u64::from(consumers),
             dead_lettered,
         })
-    }
-
-    async fn close(&self) {
-        self.inner.close().await;
     }
 }
 

@@ -24,6 +24,12 @@ pub(crate) struct Outgoing {
     pub(crate) queue: Option<QueueName>,
 }
 
+/// Whether `queue` is a reply address RabbitMQ generated for a direct
+/// reply-to caller (`amq.rabbitmq.reply-to.…`).
+pub(crate) fn is_direct_reply_address(queue: &str) -> bool {
+    queue.starts_with("amq.rabbitmq.reply-to.")
+}
+
 /// Maps an internal failure to a publish error.
 pub(crate) fn publish_error(f: Fail) -> PublishError {
     match f {
@@ -44,7 +50,8 @@ impl Inner {
             (Destination::Queue(q), None) => Ok(Outgoing {
                 exchange: ShortString::default(),
                 routing_key: short("queue name", q.as_str())?,
-                mandatory: true,
+                // The broker counts a direct reply as routed to no queue.
+                mandatory: !is_direct_reply_address(q.as_str()),
                 properties: encode(
                     &p.message,
                     &Envelope {
@@ -175,6 +182,27 @@ impl Inner {
         outgoing: &[Outgoing],
         durability: Durability,
     ) -> Result<(), SendFail> {
+        if durability == Durability::Buffered
+            && live.direct_replies.status().connected()
+            && outgoing.iter().all(|o| {
+                o.exchange.as_str().is_empty() && is_direct_reply_address(o.routing_key.as_str())
+            })
+        {
+            // Replies to direct reply-to callers: nothing to confirm.
+            for o in outgoing {
+                live.direct_replies
+                    .basic_publish(
+                        o.exchange.clone(),
+                        o.routing_key.clone(),
+                        BasicPublishOptions::default(),
+                        &o.payload,
+                        o.properties.clone(),
+                    )
+                    .await
+                    .map_err(SendFail::classify)?;
+            }
+            return Ok(());
+        }
         let channel = live.publisher().ok_or_else(|| {
             SendFail::Connection(crate::connection::lapin_other(
                 "no open publisher channel".into(),
@@ -210,12 +238,17 @@ impl Inner {
         }
         let mut first_error = None;
         for (c, o) in confirms.into_iter().zip(outgoing) {
-            let max_length = o
-                .queue
-                .as_ref()
-                .and_then(|q| self.registered(q))
-                .and_then(|s| s.max_length);
-            if let Err(e) = check(c.await, o.queue.as_ref(), max_length) {
+            let confirmation = c.await;
+            // Only a negative confirm needs the queue's length limit.
+            let max_length = match &confirmation {
+                Ok(Confirmation::Nack(None)) => o
+                    .queue
+                    .as_ref()
+                    .and_then(|q| self.registered(q))
+                    .and_then(|s| s.max_length),
+                _ => None,
+            };
+            if let Err(e) = check(confirmation, o.queue.as_ref(), max_length) {
                 first_error.get_or_insert(e);
             }
         }
@@ -227,7 +260,7 @@ impl Inner {
 }
 
 /// Why a send failed.
-enum SendFail {
+pub(crate) enum SendFail {
     /// The connection or channel went away: retry on a new one.
     Connection(lapin::Error),
     /// The broker answered: report it.
@@ -244,7 +277,7 @@ impl std::fmt::Display for SendFail {
 }
 
 impl SendFail {
-    fn classify(e: lapin::Error) -> Self {
+    pub(crate) fn classify(e: lapin::Error) -> Self {
         if e.is_amqp_soft_error() {
             SendFail::Final(PublishError::Backend {
                 source: Box::new(e),
@@ -256,7 +289,8 @@ impl SendFail {
     }
 }
 
-fn check(
+/// Maps a publisher confirm (and a returned message) to the outcome of a publish.
+pub(crate) fn check(
     confirmation: lapin::Result<Confirmation>,
     queue: Option<&QueueName>,
     max_length: Option<u64>,

@@ -253,6 +253,21 @@ impl Bus {
         }
     }
 
+    /// Runs `task` until it ends or the bus shuts down; shutdown waits for it.
+    pub(crate) fn spawn_worker<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let mut shutdown = self.inner.shutdown.subscribe();
+        let worker = tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.wait_for(|stop| *stop) => {}
+                _ = task => {}
+            }
+        });
+        lock(&self.inner.workers).push(worker);
+    }
+
     /// Runs `handle` for each delivery of `stream`, at most `concurrency` at
     /// once, until the stream ends or the bus shuts down.
     pub(crate) fn spawn_consumer<F, Fut>(

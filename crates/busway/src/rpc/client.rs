@@ -1,4 +1,5 @@
-//! The calling side: one reply queue per bus, many calls in flight.
+//! The calling side: one reply route per bus (direct reply-to where the
+//! backend has it, else a reply queue), many calls in flight.
 
 use std::collections::HashMap;
 use std::future::{Future, IntoFuture};
@@ -8,8 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use busway_core::{
-    ConsumeOptions, Durability, Message, Publish, PublishError, QueueName, CONTENT_TYPE_JSON,
+    ConsumeOptions, DirectReplyChannel, Durability, Message, Publish, PublishError, QueueName,
+    CONTENT_TYPE_JSON,
 };
+use futures::stream::BoxStream;
+use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
@@ -22,24 +26,41 @@ use crate::bus::{lock, settle_logged, Bus, Counters};
 /// How long a call waits for its reply unless told otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The reply queue and the calls waiting on it.
+/// Where replies come back: straight to this client (RabbitMQ's direct
+/// reply-to) or through a reply queue of its own (every other backend).
+enum ReplyRoute {
+    Direct(Arc<dyn DirectReplyChannel>),
+    Queue(QueueName),
+}
+
+type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Message>>>>;
+
+/// How replies come back, and the calls waiting for them.
 pub(crate) struct RpcClient {
-    reply_queue: QueueName,
-    pending: Arc<Mutex<HashMap<String, oneshot::Sender<Message>>>>,
+    route: ReplyRoute,
+    pending: Pending,
 }
 
 impl RpcClient {
     async fn start(bus: &Bus) -> Result<Arc<Self>, RpcError> {
+        let transport = &bus.inner.transport;
+        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        if let Some(direct) = transport.direct_replies().await? {
+            bus.spawn_reply_listener(direct.replies, pending.clone());
+            return Ok(Arc::new(Self {
+                route: ReplyRoute::Direct(direct.channel),
+                pending,
+            }));
+        }
         let id = uuid::Uuid::new_v4().simple().to_string();
         let reply_queue = QueueName::new(format!("rpc_reply_{}", &id[..16]))?;
-        let transport = &bus.inner.transport;
         transport.declare_temporary_queue(&reply_queue).await?;
         let stream = transport
             .consume(&reply_queue, ConsumeOptions::with_prefetch(256))
             .await?;
         let client = Arc::new(Self {
-            reply_queue: reply_queue.clone(),
-            pending: Arc::new(Mutex::new(HashMap::new())),
+            route: ReplyRoute::Queue(reply_queue.clone()),
+            pending,
         });
         let pending = client.pending.clone();
         let counters = bus.inner.counters.clone();
@@ -52,12 +73,13 @@ impl RpcClient {
             let counters = counters.clone();
             async move {
                 let queue = delivery.queue().clone();
-                let message = delivery.message().clone();
-                settle_logged(delivery.ack().await, &queue, "acking a reply").await;
+                // The caller first, then the ack: a reply is read-only, and
+                // a lost ack only means it comes back once more, unwanted.
                 let delivered = match waiter {
-                    Some(waiter) => waiter.send(message).is_ok(),
+                    Some(waiter) => waiter.send(delivery.message().clone()).is_ok(),
                     None => false,
                 };
+                settle_logged(delivery.ack().await, &queue, "acking a reply").await;
                 if !delivered {
                     Counters::bump(&counters.late_replies);
                     tracing::debug!(queue = %queue, "dropped a late or unknown reply");
@@ -67,15 +89,60 @@ impl RpcClient {
         Ok(client)
     }
 
+    /// The `reply_to` of this client's requests.
+    fn reply_to(&self) -> &str {
+        match &self.route {
+            ReplyRoute::Direct(channel) => channel.reply_to(),
+            ReplyRoute::Queue(queue) => queue.as_str(),
+        }
+    }
+
+    /// Sends a request on this client's route.
+    async fn send(&self, bus: &Bus, publish: Publish) -> Result<(), PublishError> {
+        match &self.route {
+            ReplyRoute::Direct(channel) => channel.send(publish).await,
+            ReplyRoute::Queue(_) => {
+                bus.inner
+                    .transport
+                    .publish_batch(vec![publish], Durability::Buffered)
+                    .await
+            }
+        }
+    }
+
     /// Fails every waiting call (their senders are dropped).
     pub(crate) fn fail_pending(&self) {
         lock(&self.pending).clear();
     }
 }
 
+impl Bus {
+    /// Hands each direct reply to the call waiting for it, until the bus
+    /// shuts down or the transport closes.
+    fn spawn_reply_listener(&self, mut replies: BoxStream<'static, Message>, pending: Pending) {
+        let counters = self.inner.counters.clone();
+        self.spawn_worker(async move {
+            while let Some(reply) = replies.next().await {
+                let waiter = reply
+                    .correlation_id
+                    .as_deref()
+                    .and_then(|id| lock(&pending).remove(id));
+                let delivered = match waiter {
+                    Some(waiter) => waiter.send(reply).is_ok(),
+                    None => false,
+                };
+                if !delivered {
+                    Counters::bump(&counters.late_replies);
+                    tracing::debug!("dropped a late or unknown reply");
+                }
+            }
+        });
+    }
+}
+
 /// Removes a call's entry however its future ends (reply, timeout, drop).
 struct PendingGuard {
-    pending: Arc<Mutex<HashMap<String, oneshot::Sender<Message>>>>,
+    pending: Pending,
     correlation_id: String,
 }
 
@@ -211,7 +278,7 @@ async fn call<T: DeserializeOwned>(request: Request<T>) -> Result<T, RpcError> {
     let message = Message::json("rpc_request", &body)
         .map_err(RpcError::Encode)?
         .with_correlation_id(correlation_id.clone())
-        .with_reply_to(client.reply_queue.as_str())
+        .with_reply_to(client.reply_to())
         .with_ttl(timeout);
     let message = crate::middleware::MessageContext::stamp_header(message);
     let (tx, rx) = oneshot::channel();
@@ -221,18 +288,23 @@ async fn call<T: DeserializeOwned>(request: Request<T>) -> Result<T, RpcError> {
         correlation_id,
     };
     let exchange = async {
-        bus.inner
-            .transport
-            .publish_batch(
-                vec![Publish::to_queue(queue, message)],
-                Durability::Buffered,
-            )
-            .await
-            .map_err(|e| match e {
-                PublishError::QueueNotFound(_) => RpcError::NoSuchService(service.clone()),
-                e => RpcError::Publish(e),
-            })?;
-        rx.await.map_err(|_| RpcError::ShutDown)
+        let sent = client.send(&bus, Publish::to_queue(queue, message));
+        // The reply may arrive before the backend has confirmed the
+        // request; either settles the call as soon as it says enough.
+        tokio::pin!(sent, rx);
+        let mut sent_done = false;
+        loop {
+            tokio::select! {
+                result = &mut sent, if !sent_done => {
+                    result.map_err(|e| match e {
+                        PublishError::QueueNotFound(_) => RpcError::NoSuchService(service.clone()),
+                        e => RpcError::Publish(e),
+                    })?;
+                    sent_done = true;
+                }
+                reply = &mut rx => return reply.map_err(|_| RpcError::ShutDown),
+            }
+        }
     };
     let reply = match tokio::time::timeout(timeout, exchange).await {
         Ok(reply) => reply?,

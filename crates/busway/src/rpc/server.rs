@@ -312,7 +312,9 @@ async fn reply(bus: &Bus, request: &Message, response: &ResponseBody) {
         tracing::warn!(kind = %request.kind, "request without reply_to; nothing to answer");
         return;
     };
-    let queue = match QueueName::new(reply_to) {
+    // Not a queue name of ours: brokers generate reply addresses
+    // (RabbitMQ's direct reply-to) with characters queue names may not have.
+    let queue = match QueueName::reply_address(reply_to) {
         Ok(q) => q,
         Err(e) => {
             tracing::warn!(reply_to, error = %e, "cannot reply to this address");
