@@ -1,5 +1,9 @@
-//! `busway bench`: throughput and latency of a transport, optionally side by
-//! side with the bare storage doing the same work (`--baseline raw`).
+//! `busway bench`: throughput and latency of a transport or of a messaging
+//! pattern, optionally side by side with the bare storage or client library
+//! doing the same work (`--baseline raw`).
+//!
+//! `--pattern` picks what runs; each pattern lives in a module of its own
+//! and is dispatched from [`run`].
 
 use std::time::{Duration, Instant};
 
@@ -11,15 +15,19 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 mod raw;
+mod rpc;
 mod transport;
 
 /// Options of `busway bench`.
 #[derive(Args, Clone, Debug)]
 pub(crate) struct BenchArgs {
-    /// Backend to measure (`sqlite://PATH`, `memory://`).
+    /// Backend to measure (`sqlite://PATH`, `memory://`, `amqp://…`).
     #[arg(long, env = "BUSWAY_URL", default_value = busway::DEFAULT_URL)]
     url: String,
-    /// Messages to send in total.
+    /// What to measure.
+    #[arg(long, value_enum, default_value_t = Pattern::Transport)]
+    pattern: Pattern,
+    /// Messages (with `--pattern rpc`: calls) to send in total.
     #[arg(long, default_value_t = 100_000)]
     messages: u64,
     /// Payload size in bytes (at least 8: the send time rides in the payload).
@@ -37,6 +45,9 @@ pub(crate) struct BenchArgs {
     /// Publishes each publisher keeps in flight (awaiting durability).
     #[arg(long, default_value_t = 100)]
     window: usize,
+    /// RPC calls in flight at once (`--pattern rpc`).
+    #[arg(long, default_value_t = 1)]
+    in_flight: usize,
     /// Publish everything first, then consume: measures a deep queue (and its memory).
     #[arg(long)]
     sequential: bool,
@@ -46,6 +57,15 @@ pub(crate) struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// What `busway bench` measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Pattern {
+    /// Publishers and consumers on the bare transport.
+    Transport,
+    /// Request-response calls through the `Bus` RPC (`--in-flight` at once).
+    Rpc,
 }
 
 /// What to compare against.
@@ -115,6 +135,23 @@ impl Measured {
 }
 
 pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.pattern {
+        Pattern::Transport => run_transport(&args).await,
+        Pattern::Rpc => rpc::run(&args).await,
+    }
+}
+
+/// Prints a report as JSON or as the pattern's table.
+fn emit<R: Serialize>(json: bool, report: &R, table: impl FnOnce(&R)) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        table(report);
+    }
+    Ok(())
+}
+
+async fn run_transport(args: &BenchArgs) -> anyhow::Result<()> {
     if args.size < 8 {
         bail!("--size must be at least 8 bytes (the send time rides in the payload)");
     }
@@ -131,13 +168,13 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let baseline = match args.baseline {
         Some(Baseline::Raw) => {
             reset_peak_rss();
-            let (name, measured) = raw::run(&args).await.context("raw baseline failed")?;
+            let (name, measured) = raw::run(args).await.context("raw baseline failed")?;
             Some(args.report(name, &redacted, measured, peak_rss_bytes()))
         }
         None => None,
     };
     reset_peak_rss();
-    let measured = transport::run(&args)
+    let measured = transport::run(args)
         .await
         .with_context(|| format!("benchmark of {redacted} failed"))?;
     let mut report = args.report("busway", &redacted, measured, peak_rss_bytes());
@@ -146,12 +183,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         report.baseline = Some(Box::new(baseline));
     }
 
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print_table(&report);
-    }
-    Ok(())
+    emit(args.json, &report, print_table)
 }
 
 impl BenchArgs {

@@ -11,6 +11,11 @@
 //!   `basic.qos(prefetch)` acknowledging each message.
 //! - `postgres://`: plain sqlx running the transport's statements on a table
 //!   of its own (see `postgres`).
+//!
+//! For `--pattern rpc`:
+//! - `amqp://`: plain lapin RPC with direct reply-to (see `amqp_rpc`).
+//! - `memory://`: a tokio channel of requests, each answered on a oneshot.
+//! - `sqlite://`: none (SQLite has no request-response of its own to compare with).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,9 +27,68 @@ use busway::sqlite::{SqliteConfig, Synchronous};
 use rusqlite::{params, Connection};
 
 mod amqp;
+mod amqp_rpc;
 mod postgres;
 
+use super::rpc::{echo_text, timed_calls, RpcMeasured};
 use super::{latency_us, new_histogram, stamped_payload, BenchArgs, Measured};
+
+/// The outcome of an RPC baseline.
+pub(super) enum RpcBaseline {
+    /// The baseline's name and figures.
+    Measured(&'static str, RpcMeasured),
+    /// Why the backend has none.
+    None(String),
+}
+
+pub(super) async fn run_rpc(args: &BenchArgs) -> anyhow::Result<RpcBaseline> {
+    let scheme = args.url.split_once("://").map_or("", |(s, _)| s);
+    Ok(match scheme {
+        "amqp" | "amqps" => {
+            RpcBaseline::Measured("raw lapin direct reply-to", amqp_rpc::run(args).await?)
+        }
+        "memory" => RpcBaseline::Measured("tokio mpsc + oneshot", raw_channel_rpc(args).await?),
+        other => RpcBaseline::None(format!(
+            "no raw RPC baseline for `{other}://`: its storage has no request-response of its own"
+        )),
+    })
+}
+
+/// Deletes a queue a bench run left (RabbitMQ keeps non-durable queues until it restarts).
+pub(super) async fn delete_rpc_queue(url: &str, queue: &str) {
+    if url.starts_with("amqp://") || url.starts_with("amqps://") {
+        if let Err(e) = amqp_rpc::delete_queue(url, queue).await {
+            eprintln!("could not delete the bench queue {queue}: {e:#}");
+        }
+    }
+}
+
+/// In-process RPC with nothing in between: a channel of requests served by
+/// one task, each reply sent back on its own oneshot.
+async fn raw_channel_rpc(args: &BenchArgs) -> anyhow::Result<RpcMeasured> {
+    type Call = (String, tokio::sync::oneshot::Sender<String>);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Call>(args.in_flight.max(1));
+    let server = tokio::spawn(async move {
+        while let Some((text, reply)) = rx.recv().await {
+            let _ = reply.send(text);
+        }
+    });
+    let text = echo_text(args.size);
+    let measured = timed_calls(args.messages, args.in_flight, || {
+        let (tx, text) = (tx.clone(), text.clone());
+        async move {
+            let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+            tx.send((text, reply_tx)).await?;
+            let reply = reply_rx.await?;
+            anyhow::ensure!(!reply.is_empty(), "empty echo");
+            Ok(())
+        }
+    })
+    .await;
+    drop(tx);
+    let _ = server.await;
+    measured
+}
 
 pub(super) async fn run(args: &BenchArgs) -> anyhow::Result<(&'static str, Measured)> {
     let scheme = args.url.split_once("://").map_or("", |(s, _)| s);
