@@ -727,10 +727,17 @@ pub async fn conflicting_declare_names_both_specs(h: &dyn Harness) -> Result {
     Ok(())
 }
 
+/// Whether a closed and reopened transport finds the messages again: the
+/// backend stores them durably, or in a server shared by several processes
+/// (a broker whose server keeps nothing on disk still outlives its clients).
+fn keeps_messages_outside_the_process(c: &busway_core::Capabilities) -> bool {
+    c.persistence == Support::Native || c.multi_process == Support::Native
+}
+
 /// Published messages survive closing and reopening the backend.
 pub async fn durable_across_reopen(h: &dyn Harness) -> Result {
     let t = h.open().await?;
-    if t.capabilities().persistence != Support::Native {
+    if !keeps_messages_outside_the_process(&t.capabilities()) {
         return Ok(());
     }
     let q = declare(&*t, "durable", |s| s).await?;
@@ -758,7 +765,7 @@ pub async fn durable_across_reopen(h: &dyn Harness) -> Result {
 /// Deliveries unsettled when the backend closes come back after reopening.
 pub async fn in_flight_redelivered_after_reopen(h: &dyn Harness) -> Result {
     let t = h.open().await?;
-    if t.capabilities().persistence != Support::Native {
+    if !keeps_messages_outside_the_process(&t.capabilities()) {
         return Ok(());
     }
     let q = declare(&*t, "inflight", |s| s).await?;

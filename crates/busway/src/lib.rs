@@ -7,6 +7,7 @@
 //! | `sqlite://PATH` (the default, [`DEFAULT_URL`]) | embedded, durable, zero setup |
 //! | `memory://` | in-process, fastest, not durable |
 //! | `amqp://`, `amqps://` | RabbitMQ (feature `rabbitmq`), reference wire format |
+//! | `redis://`, `rediss://` | Redis Streams (feature `redis`) |
 //! | `postgres://`, `postgresql://` | PostgreSQL (feature `postgres`), queues in your database |
 //!
 //! ```
@@ -52,6 +53,8 @@ pub use busway_memory as memory;
 pub use busway_postgres as postgres;
 #[cfg(feature = "rabbitmq")]
 pub use busway_rabbitmq as rabbitmq;
+#[cfg(feature = "redis")]
+pub use busway_redis as redis;
 #[cfg(feature = "sqlite")]
 pub use busway_sqlite as sqlite;
 pub use handler::{HandlerError, RetryPolicy};
@@ -79,6 +82,8 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Transport>, ConnectError> {
         "amqp" | "amqps" => Ok(Arc::new(
             busway_rabbitmq::RabbitMqTransport::connect(url).await?,
         )),
+        #[cfg(feature = "redis")]
+        "redis" | "rediss" => Ok(Arc::new(busway_redis::RedisTransport::connect(url).await?)),
         #[cfg(feature = "postgres")]
         "postgres" | "postgresql" => Ok(Arc::new(
             busway_postgres::PostgresTransport::connect(url).await?,
@@ -103,6 +108,8 @@ pub fn supported_schemes() -> Vec<&'static str> {
     schemes.push("memory://");
     #[cfg(feature = "rabbitmq")]
     schemes.extend(["amqp://", "amqps://"]);
+    #[cfg(feature = "redis")]
+    schemes.extend(["redis://", "rediss://"]);
     #[cfg(feature = "postgres")]
     schemes.extend(["postgres://", "postgresql://"]);
     schemes

@@ -9,6 +9,7 @@
 //! - `amqp://`: plain lapin on a queue of its own: persistent publishes with
 //!   publisher confirms, `window` in flight per publisher; consumers with
 //!   `basic.qos(prefetch)` acknowledging each message.
+//! - `redis://`: plain redis-rs on a stream of its own (see `redis_streams`).
 //! - `postgres://`: plain sqlx running the transport's statements on a table
 //!   of its own (see `postgres`).
 //!
@@ -29,6 +30,7 @@ use rusqlite::{params, Connection};
 mod amqp;
 mod amqp_rpc;
 mod postgres;
+mod redis_streams;
 
 use super::rpc::{echo_text, timed_calls, RpcMeasured};
 use super::{latency_us, new_histogram, stamped_payload, BenchArgs, Measured};
@@ -102,6 +104,7 @@ pub(super) async fn run(args: &BenchArgs) -> anyhow::Result<(&'static str, Measu
         }
         "memory" => Ok(("tokio mpsc", raw_channel(args).await?)),
         "amqp" | "amqps" => Ok(("raw lapin", amqp::run(args).await?)),
+        "redis" | "rediss" => Ok(("raw redis-rs", redis_streams::run(args).await?)),
         "postgres" | "postgresql" => Ok(("raw sqlx", postgres::run(args).await?)),
         other => bail!("no raw baseline for `{other}://` yet"),
     }
