@@ -19,6 +19,7 @@ pub mod event_store;
 pub mod headers;
 pub mod inbox;
 mod message;
+pub mod saga_store;
 mod topology;
 mod transport;
 mod url;

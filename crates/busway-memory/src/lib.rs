@@ -37,7 +37,9 @@
 mod consumer;
 mod event_store;
 mod queue;
+mod saga_store;
 mod transport;
 
 pub use event_store::MemoryEventStore;
+pub use saga_store::MemorySagaStore;
 pub use transport::{MemoryConfig, MemoryTransport};

@@ -63,6 +63,7 @@ mod inbox;
 mod event_store;
 mod job;
 mod row;
+mod saga_store;
 mod schema;
 mod sync;
 mod transport;
@@ -75,6 +76,7 @@ pub use event_store::SqliteEventStore;
 pub use job::{WriteError, WriteTx};
 /// The SQLite bindings [`WriteTx::connection`] and [`SqliteTransport::read`] hand out.
 pub use rusqlite;
+pub use saga_store::SqliteSagaStore;
 pub use transport::SqliteTransport;
 
 #[cfg(test)]

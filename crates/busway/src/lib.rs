@@ -41,6 +41,7 @@ pub mod middleware;
 pub mod pubsub;
 pub mod routing;
 pub mod rpc;
+pub mod saga;
 pub mod stream;
 pub mod tasks;
 mod time;

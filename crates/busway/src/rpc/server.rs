@@ -35,6 +35,10 @@ impl MethodTable {
             .get(method)
             .cloned()
     }
+    /// Whether `method` has a handler.
+    pub(crate) fn contains(&self, method: &str) -> bool {
+        self.get(method).is_some()
+    }
     fn insert(&self, name: String, method: Method) {
         self.methods
             .write()
