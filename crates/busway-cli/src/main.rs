@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod dlq;
 
 /// busway: messaging patterns for Rust microservices.
 #[derive(Parser)]
@@ -16,6 +17,8 @@ struct Cli {
 enum Command {
     /// Measure publish, consume and end-to-end throughput and latency of a backend.
     Bench(bench::BenchArgs),
+    /// Inspect, replay and purge dead letters (on every backend).
+    Dlq(dlq::DlqArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -25,5 +28,6 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Bench(args) => runtime.block_on(bench::run(args)),
+        Command::Dlq(args) => runtime.block_on(dlq::run(args)),
     }
 }

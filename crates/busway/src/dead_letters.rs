@@ -45,8 +45,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use busway_core::{
-    headers, unix_millis, ConsumeError, ConsumeOptions, Delivery, DeliveryStream, Message,
-    NameError, Publish, PublishError, QueueName, SettleError, StatsError, Transport,
+    headers, unix_millis, ConsumeError, ConsumeOptions, DeclareError, Delivery, DeliveryStream,
+    Message, NameError, Publish, PublishError, QueueName, QueueSpec, SettleError, StatsError,
+    Transport,
 };
 use futures::StreamExt;
 
@@ -76,6 +77,9 @@ pub enum DeadLetterError {
     /// Moving a message back failed; it stays in the dead-letter queue.
     #[error("republishing a dead letter failed")]
     Publish(#[from] PublishError),
+    /// Declaring the queue given to replay to failed.
+    #[error("declaring the replay target failed")]
+    Declare(#[from] DeclareError),
     /// Removing a message from the dead-letter queue failed.
     #[error("settling a dead letter failed")]
     Settle(#[from] SettleError),
@@ -274,7 +278,7 @@ impl DeadLetters {
     }
 
     /// Moves the matching dead letters back to their original queue (or to
-    /// `replay.to`), with their attempt count reset and [`REPLAYED`] counted
+    /// `replay.to`, declared with the defaults if it does not exist), with their attempt count reset and [`REPLAYED`] counted
     /// up. Each is republished before it leaves the dead-letter queue, so a
     /// failure can duplicate one but never lose one.
     pub async fn replay(
@@ -297,9 +301,23 @@ impl DeadLetters {
                     })
                 }
             };
-            self.transport
-                .publish(Publish::to_queue(destination, revived(dead.message)))
-                .await?;
+            let message = revived(dead.message);
+            match self
+                .transport
+                .publish(Publish::to_queue(destination.clone(), message.clone()))
+                .await
+            {
+                // A new target queue: declare it with the defaults, once.
+                Err(PublishError::QueueNotFound(_)) if replay.to.is_some() => {
+                    self.transport
+                        .declare_queue(&QueueSpec::new(destination.clone()))
+                        .await?;
+                    self.transport
+                        .publish(Publish::to_queue(destination, message))
+                        .await?;
+                }
+                other => other?,
+            }
             delivery.ack().await?;
         }
         Ok(report)

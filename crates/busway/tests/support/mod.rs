@@ -1,6 +1,6 @@
 //! Shared by the pattern tests: backends to run on, unique names, waiting.
 
-#![allow(dead_code, unused_macros, unused_imports)]
+#![allow(dead_code)]
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,6 +68,7 @@ pub(crate) async fn next_dead_letter(
 /// calling test file as one test per backend: `memory::case`, `sqlite::case`,
 /// `rabbitmq::case` (skipped without `BUSWAY_TEST_AMQP_URL`, failing with
 /// `BUSWAY_REQUIRE_BROKERS=1`).
+#[allow(unused_macros)]
 macro_rules! on_every_backend {
     ($($case:ident),* $(,)?) => {
         mod memory {
@@ -105,6 +106,7 @@ macro_rules! on_every_backend {
         }
     };
 }
+#[allow(unused_imports)]
 pub(crate) use on_every_backend;
 
 /// The next message of `queue`, unsettled.
