@@ -104,6 +104,7 @@ mod consumer;
 mod error;
 mod publish;
 mod row;
+mod saga_store;
 mod schema;
 mod settle;
 mod topology;
@@ -111,4 +112,5 @@ mod transport;
 mod wake;
 
 pub use config::PostgresConfig;
+pub use saga_store::PostgresSagaStore;
 pub use transport::PostgresTransport;
