@@ -71,8 +71,8 @@ mod wake;
 mod writer;
 
 pub use config::{SqliteConfig, Synchronous};
-pub use inbox::SqliteInbox;
 pub use event_store::SqliteEventStore;
+pub use inbox::SqliteInbox;
 pub use job::{WriteError, WriteTx};
 /// The SQLite bindings [`WriteTx::connection`] and [`SqliteTransport::read`] hand out.
 pub use rusqlite;

@@ -7,8 +7,8 @@
 //! | `sqlite://PATH` (the default, [`DEFAULT_URL`]) | embedded, durable, zero setup |
 //! | `memory://` | in-process, fastest, not durable |
 //! | `amqp://`, `amqps://` | RabbitMQ (feature `rabbitmq`), reference wire format |
-//! | `redis://`, `rediss://` | Redis Streams (feature `redis`) |
 //! | `postgres://`, `postgresql://` | PostgreSQL (feature `postgres`), queues in your database |
+//! | `redis://`, `rediss://` | Redis Streams (feature `redis`) |
 //!
 //! ```
 //! use busway::{Message, Publish, QueueName, QueueSpec, ConsumeOptions};
@@ -34,8 +34,8 @@
 use std::sync::Arc;
 
 mod bus;
-pub mod es;
 pub mod dead_letters;
+pub mod es;
 mod handler;
 pub mod middleware;
 pub mod pubsub;
@@ -83,12 +83,12 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Transport>, ConnectError> {
         "amqp" | "amqps" => Ok(Arc::new(
             busway_rabbitmq::RabbitMqTransport::connect(url).await?,
         )),
-        #[cfg(feature = "redis")]
-        "redis" | "rediss" => Ok(Arc::new(busway_redis::RedisTransport::connect(url).await?)),
         #[cfg(feature = "postgres")]
         "postgres" | "postgresql" => Ok(Arc::new(
             busway_postgres::PostgresTransport::connect(url).await?,
         )),
+        #[cfg(feature = "redis")]
+        "redis" | "rediss" => Ok(Arc::new(busway_redis::RedisTransport::connect(url).await?)),
         _ => Err(ConnectError::InvalidUrl {
             url: redact_url(url),
             reason: format!(
@@ -109,10 +109,10 @@ pub fn supported_schemes() -> Vec<&'static str> {
     schemes.push("memory://");
     #[cfg(feature = "rabbitmq")]
     schemes.extend(["amqp://", "amqps://"]);
-    #[cfg(feature = "redis")]
-    schemes.extend(["redis://", "rediss://"]);
     #[cfg(feature = "postgres")]
     schemes.extend(["postgres://", "postgresql://"]);
+    #[cfg(feature = "redis")]
+    schemes.extend(["redis://", "rediss://"]);
     schemes
 }
 
