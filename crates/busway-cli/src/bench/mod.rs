@@ -17,6 +17,7 @@ use serde::Serialize;
 mod raw;
 mod rpc;
 mod transport;
+mod work_queue;
 
 /// Options of `busway bench`.
 #[derive(Args, Clone, Debug)]
@@ -48,6 +49,9 @@ pub(crate) struct BenchArgs {
     /// RPC calls in flight at once (`--pattern rpc`).
     #[arg(long, default_value_t = 1)]
     in_flight: usize,
+    /// Middleware on every task of `--pattern work-queue`, comma-separated (`retry,dedup`).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    layers: Vec<work_queue::BenchLayer>,
     /// Publish everything first, then consume: measures a deep queue (and its memory).
     #[arg(long)]
     sequential: bool,
@@ -66,6 +70,8 @@ pub(crate) enum Pattern {
     Transport,
     /// Request-response calls through the `Bus` RPC (`--in-flight` at once).
     Rpc,
+    /// Tasks through the `Bus` work queue (with `--layers`), beside the bare transport.
+    WorkQueue,
 }
 
 /// What to compare against.
@@ -138,6 +144,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.pattern {
         Pattern::Transport => run_transport(&args).await,
         Pattern::Rpc => rpc::run(&args).await,
+        Pattern::WorkQueue => work_queue::run(&args).await,
     }
 }
 
