@@ -2,13 +2,15 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context};
 use busway::dead_letters::{DeadLetter, DeadLetterFilter, DeadLetters, PassReport, Replay};
 use busway::QueueName;
 use clap::{Args, Subcommand};
 
-/// Where the bus lives when no `--url` or `BUSWAY_URL` says otherwise.
-const DEFAULT_URL: &str = busway::DEFAULT_URL;
+use crate::ops::exit::{Exit, Failure};
+use crate::ops::settings::Conn;
+
+/// Replays move this many dead letters per pass, so progress can be shown.
+const REPLAY_CHUNK: usize = 100;
 
 #[derive(Args)]
 #[command(after_help = "Examples:
@@ -17,11 +19,13 @@ const DEFAULT_URL: &str = busway::DEFAULT_URL;
   busway dlq show task_queue 0190f5c2-7d4e-7b61-a3f0-5a2b9e0c1d23
   busway dlq replay task_queue --kind send_email --dry-run
   busway dlq replay task_queue --to task_queue_retry
-  busway dlq purge task_queue --older-than 7d")]
+  busway dlq purge task_queue --older-than 7d
+
+A long replay shows a progress bar on a terminal (not with --json or when
+stdout is redirected). A dead letter missing for `show` exits 3.")]
 pub(crate) struct DlqArgs {
-    /// The backend URL.
-    #[arg(long, global = true, env = "BUSWAY_URL", default_value = DEFAULT_URL)]
-    url: String,
+    #[command(flatten)]
+    conn: Conn,
     #[command(subcommand)]
     command: DlqCommand,
 }
@@ -56,6 +60,9 @@ enum DlqCommand {
         /// Count what would move; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Print the outcome as JSON (and no progress bar).
+        #[arg(long)]
+        json: bool,
     },
     /// Delete dead letters for good.
     Purge {
@@ -122,9 +129,8 @@ fn parse_age(text: &str) -> Result<Duration, String> {
 }
 
 pub(crate) async fn run(args: DlqArgs) -> anyhow::Result<()> {
-    let transport = busway::connect(&args.url)
-        .await
-        .with_context(|| format!("connecting to {}", busway::redact_url(&args.url)))?;
+    let settings = args.conn.settings()?;
+    let transport = crate::ops::Connection::open(&settings).await?.transport;
     let result = match args.command {
         DlqCommand::List { target, json } => {
             let dead = DeadLetters::new(transport.clone(), &target.queue)?;
@@ -142,7 +148,10 @@ pub(crate) async fn run(args: DlqArgs) -> anyhow::Result<()> {
             let dead = DeadLetters::new(transport.clone(), &queue)?;
             let letters = dead.list(&DeadLetterFilter::default()).await?;
             let Some(letter) = letters.iter().find(|l| l.message.id.to_string() == id) else {
-                bail!("no dead letter with id {id} in {}", dead.queue());
+                return Err(Failure::msg(
+                    Exit::NotFound,
+                    format!("no dead letter with id {id} in {}", dead.queue()),
+                ));
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&to_json(letter, true))?);
@@ -155,14 +164,31 @@ pub(crate) async fn run(args: DlqArgs) -> anyhow::Result<()> {
             target,
             to,
             dry_run,
+            json,
         } => {
             let dead = DeadLetters::new(transport.clone(), &target.queue)?;
             let mut replay = Replay::default().dry_run(dry_run);
             if let Some(to) = to {
                 replay = replay.to(QueueName::new(to)?);
             }
-            let report = dead.replay(&target.filter(), &replay).await?;
-            print_report("replayed", &dead, report, dry_run);
+            let report = if dry_run {
+                dead.replay(&target.filter(), &replay).await?
+            } else {
+                replay_in_chunks(&dead, &target.filter(), &replay, json).await?
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "queue": dead.queue().to_string(),
+                        "replayed": report.moved,
+                        "left": report.kept,
+                        "dry_run": dry_run,
+                    })
+                );
+            } else {
+                print_report("replayed", &dead, report, dry_run);
+            }
             Ok(())
         }
         DlqCommand::Purge { target, dry_run } => {
@@ -174,6 +200,47 @@ pub(crate) async fn run(args: DlqArgs) -> anyhow::Result<()> {
     };
     transport.close().await;
     result
+}
+
+/// Replays what `filter` matches in passes of [`REPLAY_CHUNK`], with a
+/// progress bar on a terminal. The number to move is fixed up front, so
+/// letters that fail again and come back during the replay are not replayed twice.
+async fn replay_in_chunks(
+    dead: &DeadLetters,
+    filter: &DeadLetterFilter,
+    replay: &Replay,
+    json: bool,
+) -> anyhow::Result<PassReport> {
+    use std::io::IsTerminal;
+    let total = dead.list(filter).await?.len();
+    let bar = if json || !std::io::stdout().is_terminal() || total <= REPLAY_CHUNK {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::new(total as u64);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "replaying {bar:40} {pos}/{len} dead letters ({per_sec}, eta {eta})",
+        ) {
+            bar.set_style(style);
+        }
+        bar
+    };
+    let mut moved = 0u64;
+    while moved < total as u64 {
+        let mut chunk = filter.clone();
+        let left = usize::try_from(total as u64 - moved).unwrap_or(usize::MAX);
+        chunk.limit = Some(left.min(REPLAY_CHUNK));
+        let pass = dead.replay(&chunk, replay).await?;
+        if pass.moved == 0 {
+            break;
+        }
+        moved += pass.moved;
+        bar.set_position(moved);
+    }
+    bar.finish_and_clear();
+    let mut report = PassReport::default();
+    report.moved = moved;
+    report.kept = dead.count().await?;
+    Ok(report)
 }
 
 fn to_json(letter: &DeadLetter, with_payload: bool) -> serde_json::Value {

@@ -1,13 +1,21 @@
 //! `busway`: the command line for busway.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 mod bench;
+mod demo;
 mod dlq;
+mod ops;
 
 /// busway: messaging patterns for Rust microservices.
 #[derive(Parser)]
-#[command(name = "busway", version, about)]
+#[command(
+    name = "busway",
+    version,
+    about,
+    after_help = ops::EXAMPLES,
+    after_long_help = ops::LONG_HELP
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -19,15 +27,25 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Inspect, replay and purge dead letters (on every backend).
     Dlq(dlq::DlqArgs),
+    #[command(flatten)]
+    Ops(ops::OpsCommand),
+    /// Run the reference e-commerce system: a scripted scenario with a report, or `serve`.
+    Demo(demo::DemoArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    ops::exit::report(run(cli))
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     match cli.command {
         Command::Bench(args) => runtime.block_on(bench::run(args)),
         Command::Dlq(args) => runtime.block_on(dlq::run(args)),
+        Command::Ops(command) => runtime.block_on(ops::run(command, Cli::command)),
+        Command::Demo(args) => runtime.block_on(demo::run(args)),
     }
 }

@@ -854,6 +854,56 @@ pub async fn queue_stats_are_exact(h: &dyn Harness) -> Result {
     Ok(())
 }
 
+/// `list_queues` names two freshly declared queues and their dead-letter
+/// queues, sorted, and the stats of each listed queue can be read.
+pub async fn list_queues_with_stats(h: &dyn Harness) -> Result {
+    let t = h.open().await?;
+    let a = declare(&*t, "list_a", |s| s).await?;
+    let b = declare(&*t, "list_b", |s| s).await?;
+    let mut batch: Vec<Publish> = (0..2)
+        .map(|i| Publish::to_queue(a.clone(), Message::new("l", i.to_string())))
+        .collect();
+    batch.push(Publish::to_queue(b.clone(), Message::new("l", "b")));
+    t.publish_batch(batch, Durability::Durable).await?;
+
+    let wanted = [
+        a.clone(),
+        a.dead_letter_queue(),
+        b.clone(),
+        b.dead_letter_queue(),
+    ];
+    // Brokers may show a new queue in their listing a moment later.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let listed = loop {
+        let listed = t.list_queues().await.context("list_queues")?;
+        if wanted.iter().all(|q| listed.contains(q)) {
+            break listed;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{wanted:?} not all listed within 15 s: {listed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    ensure!(
+        listed.windows(2).all(|w| w[0] < w[1]),
+        "not sorted or with duplicates: {listed:?}"
+    );
+    let mut ready = BTreeMap::new();
+    for queue in listed.iter().filter(|q| wanted.contains(q)) {
+        ready.insert(queue.as_str(), t.queue_stats(queue).await?.ready);
+    }
+    let expected: BTreeMap<&str, u64> = [
+        (a.as_str(), 2),
+        (b.as_str(), 1),
+        (wanted[1].as_str(), 0),
+        (wanted[3].as_str(), 0),
+    ]
+    .into();
+    ensure!(ready == expected, "ready per listed queue: {ready:?}");
+    Ok(())
+}
+
 /// Closing the transport ends its delivery streams.
 pub async fn close_ends_consumers(h: &dyn Harness) -> Result {
     let t = h.open().await?;

@@ -81,6 +81,7 @@ macro_rules! conformance_tests {
             durable_across_reopen,
             in_flight_redelivered_after_reopen,
             queue_stats_are_exact,
+            list_queues_with_stats,
             close_ends_consumers
         );
     };

@@ -278,6 +278,10 @@ pub enum StatsError {
     /// The transport was closed.
     #[error("the transport is closed")]
     Closed,
+    /// The backend cannot answer this (the text says why and what would
+    /// make it possible). Retrying does not help.
+    #[error("not supported: {0}")]
+    Unsupported(String),
     /// The backend failed.
     #[error("backend error while reading statistics")]
     Backend {

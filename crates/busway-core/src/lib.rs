@@ -14,6 +14,8 @@
 mod address;
 mod codec;
 mod delivery;
+#[cfg(feature = "msgpack")]
+pub mod envelope;
 mod error;
 pub mod event_store;
 pub mod headers;

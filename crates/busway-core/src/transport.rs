@@ -267,6 +267,28 @@ pub trait Transport: Send + Sync + 'static {
     /// A snapshot of a queue's counts.
     async fn queue_stats(&self, queue: &QueueName) -> Result<QueueStats, StatsError>;
 
+    /// The queues that exist on the backend, sorted by name: every queue
+    /// declared by any process sharing it, dead-letter and temporary queues
+    /// included, the backend's own internal queues (such as RabbitMQ's delay
+    /// queues) left out. Read their counts with [`queue_stats`](Self::queue_stats).
+    ///
+    /// The provided implementation answers [`StatsError::Unsupported`].
+    ///
+    /// ```
+    /// # async fn run(transport: &dyn busway_core::Transport) -> Result<(), busway_core::StatsError> {
+    /// for queue in transport.list_queues().await? {
+    ///     let stats = transport.queue_stats(&queue).await?;
+    ///     println!("{queue}: {} ready", stats.ready);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    async fn list_queues(&self) -> Result<Vec<QueueName>, StatsError> {
+        Err(StatsError::Unsupported(
+            "this backend cannot list its queues".into(),
+        ))
+    }
+
     /// Stops consumers and returns their unsettled deliveries to their queues.
     async fn close(&self);
 }

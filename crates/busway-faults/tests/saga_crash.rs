@@ -7,18 +7,18 @@
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{ensure, Context};
+use anyhow::Context;
 use busway::saga::{SagaParticipant, StepContext};
-use busway::saga_store::{SagaQuery, SagaStatus, SagaStore};
+use busway::saga_store::{SagaQuery, SagaStore};
 use busway::sqlite::{SqliteConfig, SqliteSagaStore, SqliteTransport};
 use busway::{Bus, HandlerError};
+use busway_faults::saga::{check_outcomes, over_the_limit, wait_until_all_ended, SAGAS, SERVICES};
 use rand::Rng;
 use serde_json::Value;
 
 const CHILD: &str = env!("CARGO_BIN_EXE_busway-saga-crash-child");
-const SAGAS: usize = 1_000;
 
 /// Kills: at least 10, more with `BUSWAY_SAGA_CRASH_CYCLES`.
 fn cycles() -> usize {
@@ -43,19 +43,14 @@ async fn participants(
     store: Arc<dyn SagaStore>,
     effects: &Effects,
 ) -> anyhow::Result<()> {
-    let services = [
-        ("crash_orders", "create_order", "cancel_order"),
-        ("crash_inventory", "reserve_inventory", "release_inventory"),
-        ("crash_payments", "charge_payment", "refund_payment"),
-    ];
-    for (service, action, compensation) in services {
+    for (service, action, compensation) in SERVICES {
         let participant = SagaParticipant::new(bus, service, store.clone()).concurrency(64);
         let e = effects.clone();
         participant
             .on_action(action, move |ctx: StepContext<Value>| {
                 let e = e.clone();
                 async move {
-                    if action == "charge_payment" && ctx.input["amount"].as_i64() > Some(10_000) {
+                    if action == "charge_payment" && over_the_limit(&ctx.input) {
                         return Err(HandlerError::permanent("amount exceeds the payment limit"));
                     }
                     record(&e, action, ctx.saga_id());
@@ -112,68 +107,13 @@ async fn killed_orchestrators_lose_no_saga_and_repeat_no_effect() -> anyhow::Res
 
     // A last orchestrator finishes what the killed ones left.
     let mut child = spawn(&url)?;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let finished = loop {
-        let counts = store.count_by_status().await?;
-        let terminal: u64 = [
-            SagaStatus::Completed,
-            SagaStatus::Compensated,
-            SagaStatus::Failed,
-        ]
-        .iter()
-        .filter_map(|s| counts.get(s))
-        .sum();
-        if terminal == SAGAS as u64 {
-            break Ok(counts);
-        }
-        if Instant::now() > deadline {
-            break Err(counts);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let finished = wait_until_all_ended(&*store).await;
     child.kill()?;
     child.wait()?;
-    let counts = finished.map_err(|c| anyhow::anyhow!("sagas still not finished: {c:?}"))?;
+    let counts = finished?;
     println!("final: {counts:?}");
 
     let sagas = store.list(&SagaQuery::default().limit(SAGAS * 2)).await?;
-    ensure!(sagas.len() == SAGAS, "{} sagas stored", sagas.len());
     let effects = effects.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let count = |effect: &str, id: &str| {
-        effects
-            .get(&(effect.to_owned(), id.to_owned()))
-            .copied()
-            .unwrap_or(0)
-    };
-    for (key, n) in &effects {
-        ensure!(*n == 1, "{key:?} happened {n} times");
-    }
-    for saga in &sagas {
-        let i: usize = saga.id.trim_start_matches("saga-").parse()?;
-        let id = saga.id.as_str();
-        let observed = [
-            count("create_order", id),
-            count("reserve_inventory", id),
-            count("charge_payment", id),
-            count("cancel_order", id),
-            count("release_inventory", id),
-            count("refund_payment", id),
-        ];
-        let (status, expected) = if i % 10 == 0 {
-            (SagaStatus::Compensated, [1, 1, 0, 1, 1, 0])
-        } else {
-            (SagaStatus::Completed, [1, 1, 1, 0, 0, 0])
-        };
-        ensure!(
-            saga.status == status,
-            "{id} is {} ({:?})",
-            saga.status,
-            saga.error
-        );
-        ensure!(
-            observed == expected,
-            "{id}: effects {observed:?}, expected {expected:?}"
-        );
-    }
-    Ok(())
+    check_outcomes(&sagas, &effects)
 }

@@ -534,6 +534,15 @@ impl Transport for MemoryTransport {
         Ok(queue.stats())
     }
 
+    async fn list_queues(&self) -> Result<Vec<QueueName>, StatsError> {
+        if self.inner.shared.is_closed() {
+            return Err(StatsError::Closed);
+        }
+        let mut names: Vec<QueueName> = self.registry().queues.keys().cloned().collect();
+        names.sort();
+        Ok(names)
+    }
+
     async fn close(&self) {
         self.inner.shared.close();
     }

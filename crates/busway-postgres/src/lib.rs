@@ -102,6 +102,7 @@
 mod config;
 mod consumer;
 mod error;
+mod event_store;
 mod publish;
 mod row;
 mod saga_store;
@@ -112,5 +113,6 @@ mod transport;
 mod wake;
 
 pub use config::PostgresConfig;
+pub use event_store::PostgresEventStore;
 pub use saga_store::PostgresSagaStore;
 pub use transport::PostgresTransport;

@@ -646,6 +646,22 @@ impl Transport for PostgresTransport {
         shared.stats(queue).await.map_err(Fail::into_error)
     }
 
+    async fn list_queues(&self) -> Result<Vec<QueueName>, StatsError> {
+        let shared = self.shared();
+        if shared.is_closed() {
+            return Err(StatsError::Closed);
+        }
+        let names: Vec<String> = sqlx::query_scalar("SELECT name FROM busway_queues ORDER BY name")
+            .fetch_all(&shared.pool)
+            .await
+            .map_err(|e| Fail::<StatsError>::Sql(e).into_error())?;
+        // Names were validated when declared; a row that no longer is valid is skipped.
+        Ok(names
+            .iter()
+            .filter_map(|n| QueueName::new(n).ok())
+            .collect())
+    }
+
     async fn close(&self) {
         if let Some(cleanup) = self.shared().shut_down() {
             cleanup.await;

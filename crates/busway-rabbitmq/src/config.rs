@@ -39,6 +39,10 @@ pub struct RabbitMqConfig {
     /// with a retryable error, so a broker that accepts connections but no
     /// longer answers cannot hang its callers.
     pub operation_timeout: Duration,
+    /// The management HTTP API, used to list queues (AMQP cannot). `None`
+    /// means `http://{amqp host}:15672` (`https://…:15671` for `amqps`),
+    /// with the AMQP user and password.
+    pub management_url: Option<String>,
 }
 
 impl Default for RabbitMqConfig {
@@ -51,6 +55,7 @@ impl Default for RabbitMqConfig {
             reconnect_timeout: Duration::from_secs(10),
             connection_name: "busway".into(),
             operation_timeout: Duration::from_secs(30),
+            management_url: None,
         }
     }
 }
@@ -84,6 +89,11 @@ impl RabbitMqConfig {
     /// Sets the time limit of each operation (see [`operation_timeout`](Self::operation_timeout)).
     pub fn with_operation_timeout(mut self, timeout: Duration) -> Self {
         self.operation_timeout = timeout;
+        self
+    }
+    /// Sets the management API's base URL (`http://rabbit:15672`).
+    pub fn with_management_url(mut self, url: impl Into<String>) -> Self {
+        self.management_url = Some(url.into());
         self
     }
     /// Sets the connection name.

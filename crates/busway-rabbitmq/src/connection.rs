@@ -161,6 +161,11 @@ impl Inner {
         }
     }
 
+    /// The URI connected to.
+    pub(crate) fn uri(&self) -> &AMQPUri {
+        &self.uri
+    }
+
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
     }

@@ -53,6 +53,7 @@ mod config;
 mod connection;
 mod consumer;
 mod direct_reply;
+mod management;
 mod publish;
 mod topology;
 mod wire;
@@ -68,6 +69,7 @@ use busway_core::{
 use lapin::uri::AMQPUri;
 
 pub use config::RabbitMqConfig;
+pub use management::ManagementQueue;
 
 use connection::{reply_code, reply_text, Fail, Inner, NOT_FOUND, PRECONDITION_FAILED};
 use topology::existing_from_reply;
@@ -254,12 +256,50 @@ impl Transport for RabbitMqTransport {
             .unwrap_or_else(|e| Err(stats_error(e)))
     }
 
+    /// Lists through the management HTTP API (see [`management_queues`](RabbitMqTransport::management_queues)).
+    async fn list_queues(&self) -> Result<Vec<QueueName>, StatsError> {
+        Ok(self
+            .management_queues()
+            .await?
+            .into_iter()
+            .map(|q| q.name)
+            .collect())
+    }
+
     async fn close(&self) {
         let _ = self.within(self.inner.close()).await;
     }
 }
 
 impl RabbitMqTransport {
+    /// The queues of this vhost with the broker's own counts, read from the
+    /// management HTTP API (AMQP 0-9-1 cannot list queues): sorted by name,
+    /// without busway's delay queues, server-named (`amq.…`) and exclusive
+    /// queues. Unlike [`Transport::queue_stats`], `unacknowledged` and
+    /// `consumers` count every connection; the broker refreshes these counts
+    /// every few seconds.
+    ///
+    /// The API is at [`RabbitMqConfig::management_url`], by default
+    /// `http://{amqp host}:15672` with the AMQP credentials. When it cannot
+    /// be reached the error says how to enable it
+    /// (`rabbitmq-plugins enable rabbitmq_management`).
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let transport = busway_rabbitmq::RabbitMqTransport::connect("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
+    /// for queue in transport.management_queues().await? {
+    ///     println!("{}: {} ready, {} unacked", queue.name, queue.ready, queue.unacknowledged);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn management_queues(&self) -> Result<Vec<ManagementQueue>, StatsError> {
+        if self.inner.is_closed() {
+            return Err(StatsError::Closed);
+        }
+        management::list(self.inner.uri(), &self.inner.config).await
+    }
+
     /// Runs one operation within [`RabbitMqConfig::operation_timeout`].
     async fn within<T>(&self, operation: impl std::future::Future<Output = T>) -> Result<T, Fail> {
         let limit = self.inner.config.operation_timeout;

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::scripts;
 use crate::transport::{backend, manager_config, InFlight, Inner, QueueInfo, GROUP};
-use crate::wire;
+use busway_core::envelope;
 
 /// One entry read from a stream.
 struct Entry {
@@ -294,7 +294,7 @@ impl Consumer {
             .await;
             return None;
         };
-        let (message, topic) = match wire::decode(&blob) {
+        let (message, topic) = match envelope::decode(&blob) {
             Ok(decoded) => decoded,
             Err(e) => {
                 let reason = format!("malformed entry: {e}");
@@ -503,7 +503,7 @@ async fn nack(
 ) -> Result<bool, SettleError> {
     if let Some(max) = queue.spec.max_attempts {
         if attempts >= max {
-            let (message, topic) = wire::decode(blob)
+            let (message, topic) = envelope::decode(blob)
                 .unwrap_or_else(|_| (Message::new("busway.malformed", blob.clone()), None));
             let reason = format!("max attempts ({max}) exceeded");
             return dead_letter(
@@ -590,7 +590,7 @@ async fn dead_letter(
         headers::DEAD_LETTERED_AT,
         unix_millis(SystemTime::now()).to_string(),
     );
-    let blob = wire::encode(&message, topic).map_err(|e| SettleError::Backend {
+    let blob = envelope::encode(&message, topic).map_err(|e| SettleError::Backend {
         source: e.into(),
         retryable: false,
     })?;
@@ -670,7 +670,7 @@ impl RedisAcker {
                         .map_err(backend::<SettleError>)?;
                     return Err(SettleError::NoDeadLetterQueue(self.queue.name.clone()));
                 }
-                let (message, topic) = wire::decode(&self.blob).unwrap_or_else(|_| {
+                let (message, topic) = envelope::decode(&self.blob).unwrap_or_else(|_| {
                     (Message::new("busway.malformed", self.blob.clone()), None)
                 });
                 dead_letter(

@@ -77,7 +77,6 @@ mod config;
 mod consumer;
 mod scripts;
 mod transport;
-mod wire;
 
 pub use config::RedisConfig;
 pub use transport::RedisTransport;

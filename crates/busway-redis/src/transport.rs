@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::RedisConfig;
 use crate::consumer;
-use crate::wire;
+use busway_core::envelope;
 
 /// The consumer group every queue stream has.
 pub(crate) const GROUP: &str = "busway";
@@ -684,6 +684,25 @@ impl Transport for RedisTransport {
         })
     }
 
+    async fn list_queues(&self) -> Result<Vec<QueueName>, StatsError> {
+        let inner = &self.inner;
+        if inner.is_closed() {
+            return Err(StatsError::Closed);
+        }
+        let mut conn = inner.conn.clone();
+        let names: Vec<String> = conn
+            .hkeys(inner.queues_key())
+            .await
+            .map_err(backend::<StatsError>)?;
+        // Names were validated when declared; a field that no longer is valid is skipped.
+        let mut names: Vec<QueueName> = names
+            .iter()
+            .filter_map(|n| QueueName::new(n).ok())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
     async fn close(&self) {
         let inner = &self.inner;
         if inner.closed.swap(true, Ordering::SeqCst) {
@@ -725,13 +744,13 @@ fn encode_for(
         (Some(at), Some(ttl)) => Some(at.min(now + ttl)),
     };
     let result = if expires_at == message.expires_at {
-        wire::encode(message, topic)
+        envelope::encode(message, topic)
     } else {
         let mut m = message.clone();
         m.expires_at = expires_at;
-        wire::encode(&m, topic)
+        envelope::encode(&m, topic)
     };
-    result.map_err(PublishError::InvalidMessage)
+    result.map_err(|e| PublishError::InvalidMessage(e.to_string()))
 }
 
 /// A delayed-set member: `{level}|{attempts}|{token}|{blob}`.

@@ -10,7 +10,7 @@ use busway_core::saga_store::{
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value;
 
-use crate::job::WriteError;
+use crate::job::{WriteError, WriteTx};
 use crate::transport::SqliteTransport;
 
 const SCHEMA: &str = "
@@ -96,6 +96,33 @@ impl SqliteSagaStore {
     /// The transport whose database holds the sagas.
     pub fn transport(&self) -> &SqliteTransport {
         &self.transport
+    }
+
+    /// The step result stored under idempotency key `key` (JSON text), read
+    /// inside a write job: a participant whose effect is a write to this
+    /// database checks, runs and saves in one transaction.
+    pub fn step_result_in(tx: &WriteTx<'_>, key: &str) -> rusqlite::Result<Option<String>> {
+        tx.connection()
+            .prepare_cached("SELECT result FROM busway_saga_step_results WHERE key = ?1")?
+            .query_row([key], |r| r.get(0))
+            .optional()
+    }
+
+    /// Stores `result` (JSON text) under `key` inside a write job unless a
+    /// result is stored there already; returns the stored one (the first wins).
+    pub fn save_step_result_in(
+        tx: &WriteTx<'_>,
+        key: &str,
+        result: &str,
+    ) -> rusqlite::Result<String> {
+        let conn = tx.connection();
+        conn.prepare_cached(
+            "INSERT INTO busway_saga_step_results (key, result) VALUES (?1, ?2)
+             ON CONFLICT (key) DO NOTHING",
+        )?
+        .execute(params![key, result])?;
+        conn.prepare_cached("SELECT result FROM busway_saga_step_results WHERE key = ?1")?
+            .query_row([key], |r| r.get(0))
     }
 }
 
@@ -507,18 +534,7 @@ impl SagaStore for SqliteSagaStore {
             serde_json::to_string(result).map_err(|e| StepResultError::backend(e, false))?;
         let stored: String = self
             .transport
-            .write(move |tx| {
-                let conn = tx.connection();
-                conn.prepare_cached(
-                    "INSERT INTO busway_saga_step_results (key, result) VALUES (?1, ?2)
-                     ON CONFLICT (key) DO NOTHING",
-                )?
-                .execute(params![key, encoded])?;
-                let stored = conn
-                    .prepare_cached("SELECT result FROM busway_saga_step_results WHERE key = ?1")?
-                    .query_row([key], |r| r.get(0))?;
-                Ok::<_, WriteError>(stored)
-            })
+            .write(move |tx| Ok::<_, WriteError>(Self::save_step_result_in(tx, &key, &encoded)?))
             .await
             .map_err(write_error::<StepResultError>)?;
         serde_json::from_str(&stored).map_err(|e| StepResultError::backend(e, false))

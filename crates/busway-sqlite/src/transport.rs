@@ -144,6 +144,25 @@ impl Shared {
             })
     }
 
+    /// The names of every declared queue, sorted.
+    fn queue_names(&self) -> Result<Vec<QueueName>, StatsError> {
+        self.with_reader(|conn| -> rusqlite::Result<Vec<String>> {
+            let mut statement =
+                conn.prepare_cached("SELECT name FROM busway_queues ORDER BY name")?;
+            let names = statement.query_map([], |r| r.get::<_, String>(0))?;
+            names.collect()
+        })
+        .and_then(|r| r)
+        .map_err(StatsError::from_sqlite)
+        .map(|names| {
+            // Names were validated when declared; a row that no longer is valid is skipped.
+            names
+                .iter()
+                .filter_map(|n| QueueName::new(n).ok())
+                .collect()
+        })
+    }
+
     /// Runs `f` with an idle read connection (opening one if none is idle)
     /// and keeps the connection for later.
     fn with_reader<T>(&self, f: impl FnOnce(&mut Connection) -> T) -> Result<T, rusqlite::Error> {
@@ -637,6 +656,23 @@ impl Transport for SqliteTransport {
         }
         let queue = queue.clone();
         tokio::task::spawn_blocking(move || shared.stats(&queue))
+            .await
+            .map_err(|e| StatsError::Backend {
+                source: Box::new(e),
+                retryable: false,
+            })?
+    }
+
+    async fn list_queues(&self) -> Result<Vec<QueueName>, StatsError> {
+        let shared = self.shared().clone();
+        if shared.is_closed() {
+            return Err(StatsError::Closed);
+        }
+        let (reply, flushed) = oneshot::channel();
+        if shared.tx.send(Command::Flush { reply }).is_ok() {
+            let _ = flushed.await;
+        }
+        tokio::task::spawn_blocking(move || shared.queue_names())
             .await
             .map_err(|e| StatsError::Backend {
                 source: Box::new(e),

@@ -34,6 +34,16 @@ pub enum SetupError {
     /// The bus has been shut down.
     #[error("the bus has been shut down")]
     ShutDown,
+    /// A transactional saga handler was registered on a participant that
+    /// has no SQLite store to run it in.
+    #[error(
+        "saga participant `{service}` has no SQLite store for transactional handlers \
+         (create it with SagaParticipant::with_sqlite_store)"
+    )]
+    NotTransactional {
+        /// The participant's service.
+        service: String,
+    },
 }
 
 impl SetupError {
@@ -205,6 +215,24 @@ impl Bus {
         Self::build(transport, false)
     }
 
+    /// Configures a bus on `transport` before building it, for options
+    /// such as payload [protection](BusBuilder::protect).
+    ///
+    /// ```
+    /// # async fn run() -> Result<(), busway::ConnectError> {
+    /// let transport = busway::connect("memory://").await?;
+    /// let bus = busway::Bus::builder(transport).build();
+    /// # Ok(())
+    /// # }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(run()).unwrap();
+    /// ```
+    pub fn builder(transport: Arc<dyn Transport>) -> BusBuilder {
+        BusBuilder {
+            transport,
+            owns_transport: false,
+        }
+    }
+
     fn build(transport: Arc<dyn Transport>, owns_transport: bool) -> Self {
         Self {
             inner: Arc::new(BusInner {
@@ -319,6 +347,68 @@ impl Bus {
             while running.join_next().await.is_some() {}
         });
         lock(&self.inner.workers).push(worker);
+    }
+}
+
+/// Configures a [`Bus`]; from [`Bus::builder`].
+#[must_use = "call `build` to get the bus"]
+pub struct BusBuilder {
+    transport: Arc<dyn Transport>,
+    owns_transport: bool,
+}
+
+impl std::fmt::Debug for BusBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BusBuilder")
+            .field("owns_transport", &self.owns_transport)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BusBuilder {
+    /// Protects every message the bus publishes (compress, then encrypt or
+    /// sign) and opens every message it receives; a delivery that fails to
+    /// open is dead-lettered with the reason and never reaches a handler.
+    /// See [`protection`](crate::protection).
+    ///
+    /// ```
+    /// use busway::protect::{ContentEncoding, Keyring, PayloadProtection, SecretKey};
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let keyring = Keyring::new().with_key("2026-11", SecretKey::generate());
+    /// let bus = busway::Bus::builder(busway::connect("memory://").await?)
+    ///     .protect(PayloadProtection::encrypt(keyring).compress(ContentEncoding::Zstd))
+    ///     .build();
+    /// bus.register_request_handler("math", "double", |n: i64| async move { Ok(n * 2) }).await?;
+    /// let doubled: i64 = bus.request("math", "double", &21).await?;
+    /// assert_eq!(doubled, 42);
+    /// # bus.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(run()).unwrap();
+    /// ```
+    #[cfg(feature = "protect")]
+    pub fn protect(
+        mut self,
+        protection: impl Into<Arc<busway_protect::PayloadProtection>>,
+    ) -> Self {
+        self.transport = Arc::new(crate::protection::ProtectedTransport::new(
+            self.transport,
+            protection.into(),
+        ));
+        self
+    }
+
+    /// Closes the transport on [`Bus::shutdown`] (off by default: the
+    /// transport may be shared).
+    pub fn owns_transport(mut self, owns: bool) -> Self {
+        self.owns_transport = owns;
+        self
+    }
+
+    /// The bus.
+    pub fn build(self) -> Bus {
+        Bus::build(self.transport, self.owns_transport)
     }
 }
 

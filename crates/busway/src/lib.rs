@@ -9,6 +9,7 @@
 //! | `amqp://`, `amqps://` | RabbitMQ (feature `rabbitmq`), reference wire format |
 //! | `postgres://`, `postgresql://` | PostgreSQL (feature `postgres`), queues in your database |
 //! | `redis://`, `rediss://` | Redis Streams (feature `redis`) |
+//! | `nats://` | NATS JetStream (feature `nats`) |
 //!
 //! ```
 //! use busway::{Message, Publish, QueueName, QueueSpec, ConsumeOptions};
@@ -36,8 +37,12 @@ use std::sync::Arc;
 mod bus;
 pub mod dead_letters;
 pub mod es;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod handler;
 pub mod middleware;
+#[cfg(feature = "protect")]
+pub mod protection;
 pub mod pubsub;
 pub mod routing;
 pub mod rpc;
@@ -46,12 +51,17 @@ pub mod stream;
 pub mod tasks;
 mod time;
 
-pub use bus::{Bus, BusStats, SendError, SetupError};
+pub use bus::{Bus, BusBuilder, BusStats, SendError, SetupError};
 pub use busway_core::*;
 #[cfg(feature = "memory")]
 pub use busway_memory as memory;
+#[cfg(feature = "nats")]
+pub use busway_nats as nats;
 #[cfg(feature = "postgres")]
 pub use busway_postgres as postgres;
+/// Payload protection: encryption, signing, compression, limits, replay windows (feature `protect`).
+#[cfg(feature = "protect")]
+pub use busway_protect as protect;
 #[cfg(feature = "rabbitmq")]
 pub use busway_rabbitmq as rabbitmq;
 #[cfg(feature = "redis")]
@@ -89,6 +99,8 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Transport>, ConnectError> {
         )),
         #[cfg(feature = "redis")]
         "redis" | "rediss" => Ok(Arc::new(busway_redis::RedisTransport::connect(url).await?)),
+        #[cfg(feature = "nats")]
+        "nats" => Ok(Arc::new(busway_nats::NatsTransport::connect(url).await?)),
         _ => Err(ConnectError::InvalidUrl {
             url: redact_url(url),
             reason: format!(
@@ -101,25 +113,51 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Transport>, ConnectError> {
 
 /// The URL schemes this build can open.
 pub fn supported_schemes() -> Vec<&'static str> {
-    #[allow(unused_mut)]
-    let mut schemes = Vec::new();
-    #[cfg(feature = "sqlite")]
-    schemes.push("sqlite://");
-    #[cfg(feature = "memory")]
-    schemes.push("memory://");
-    #[cfg(feature = "rabbitmq")]
-    schemes.extend(["amqp://", "amqps://"]);
-    #[cfg(feature = "postgres")]
-    schemes.extend(["postgres://", "postgresql://"]);
-    #[cfg(feature = "redis")]
-    schemes.extend(["redis://", "rediss://"]);
+    let schemes: [(bool, &[&'static str]); 6] = [
+        (cfg!(feature = "sqlite"), &["sqlite://"]),
+        (cfg!(feature = "memory"), &["memory://"]),
+        (cfg!(feature = "rabbitmq"), &["amqp://", "amqps://"]),
+        (
+            cfg!(feature = "postgres"),
+            &["postgres://", "postgresql://"],
+        ),
+        (cfg!(feature = "redis"), &["redis://", "rediss://"]),
+        (cfg!(feature = "nats"), &["nats://"]),
+    ];
     schemes
+        .into_iter()
+        .filter(|(enabled, _)| *enabled)
+        .flat_map(|(_, schemes)| schemes.iter().copied())
+        .collect()
 }
 
 /// The README's examples, compiled as doctests.
 #[doc = include_str!("../../../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
+
+/// The guide's examples (`docs/guide`), compiled as doctests.
+#[cfg(doctest)]
+pub mod guide {
+    #[doc = include_str!("../../../docs/guide/rpc.md")]
+    pub struct Rpc;
+    #[doc = include_str!("../../../docs/guide/pubsub.md")]
+    pub struct PubSub;
+    #[doc = include_str!("../../../docs/guide/work-queues.md")]
+    pub struct WorkQueues;
+    #[doc = include_str!("../../../docs/guide/event-sourcing.md")]
+    pub struct EventSourcing;
+    #[doc = include_str!("../../../docs/guide/sagas.md")]
+    pub struct Sagas;
+    #[doc = include_str!("../../../docs/guide/streams.md")]
+    pub struct Streams;
+    #[doc = include_str!("../../../docs/guide/middleware.md")]
+    pub struct Middleware;
+    #[doc = include_str!("../../../docs/guide/operations.md")]
+    pub struct Operations;
+    #[doc = include_str!("../../../docs/guide/backends.md")]
+    pub struct Backends;
+}
 
 #[cfg(test)]
 mod tests {

@@ -701,3 +701,143 @@ async fn the_reference_order_saga_on_sqlite() -> anyhow::Result<()> {
         .any(|e| e.kind == SagaEventKind::CompensationCompleted));
     Ok(())
 }
+
+#[tokio::test]
+async fn transactional_steps_commit_their_effect_with_their_result() -> anyhow::Result<()> {
+    use busway::sqlite::{SqliteSagaStore, SqliteTransport, WriteError, WriteTx};
+
+    let dir = tempfile::tempdir()?;
+    let transport = SqliteTransport::open(dir.path().join("sagas.db"))?;
+    let store = SqliteSagaStore::open(transport.clone()).await?;
+    transport
+        .write(|tx| {
+            tx.connection().execute_batch(
+                "CREATE TABLE ledger (saga_id TEXT NOT NULL, entry TEXT NOT NULL)",
+            )?;
+            Ok::<_, WriteError>(())
+        })
+        .await?;
+    let bus = Bus::new(Arc::new(transport.clone()));
+
+    // A plain participant has no database to run them in.
+    let plain = SagaParticipant::new(&bus, "plain_service", Arc::new(MemorySagaStore::new()));
+    let refused = plain
+        .on_action_in_transaction("act", |_: &StepContext<Value>, _: &mut WriteTx<'_>| Ok(()))
+        .await;
+    assert!(
+        matches!(refused, Err(busway::SetupError::NotTransactional { .. })),
+        "{refused:?}"
+    );
+
+    let runs = Arc::new(AtomicU32::new(0));
+    let payments = SagaParticipant::with_sqlite_store(&bus, "tx_payments", store.clone());
+    let counted = runs.clone();
+    payments
+        .on_action_in_transaction(
+            "charge",
+            move |ctx: &StepContext<Value>, tx: &mut WriteTx<'_>| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tx.connection()
+                    .execute(
+                        "INSERT INTO ledger (saga_id, entry) VALUES (?1, 'charged')",
+                        [ctx.saga_id()],
+                    )
+                    .map_err(|e| HandlerError::new(e.to_string()))?;
+                // Over the limit: fail after writing; the write must roll back.
+                if ctx.input["amount"].as_i64() > Some(100) {
+                    return Err(HandlerError::permanent("over the limit"));
+                }
+                Ok(json!({"charged": ctx.input["amount"]}))
+            },
+        )
+        .await?;
+    payments
+        .on_compensation_in_transaction(
+            "refund",
+            |ctx: &StepContext<Value>, tx: &mut WriteTx<'_>| {
+                tx.connection()
+                    .execute(
+                        "INSERT INTO ledger (saga_id, entry) VALUES (?1, 'refunded')",
+                        [ctx.saga_id()],
+                    )
+                    .map_err(|e| HandlerError::new(e.to_string()))?;
+                Ok(())
+            },
+        )
+        .await?;
+    let orchestrator = SagaOrchestrator::new(bus.clone(), Arc::new(store.clone()));
+    orchestrator.register(
+        SagaDefinition::builder("tx_payment")
+            .step(SagaStep::new("charge", "tx_payments", "charge").compensate_with("refund"))
+            .step(SagaStep::new("charge_again", "tx_payments", "charge"))
+            .build()?,
+    )?;
+    orchestrator
+        .start("tx_payment", "small", &json!({"amount": 30}))
+        .await?;
+    orchestrator
+        .start("tx_payment", "big", &json!({"amount": 300}))
+        .await?;
+    assert_eq!(
+        orchestrator.wait("small").await?.status,
+        SagaStatus::Completed
+    );
+    assert_eq!(
+        orchestrator.wait("big").await?.status,
+        SagaStatus::Compensated
+    );
+
+    let ledger = |saga: &'static str| {
+        let transport = transport.clone();
+        async move {
+            transport
+                .read(move |conn| {
+                    let mut s =
+                        conn.prepare("SELECT entry FROM ledger WHERE saga_id = ?1 ORDER BY rowid")?;
+                    let rows = s.query_map([saga], |r| r.get::<_, String>(0))?;
+                    rows.collect::<Result<Vec<_>, _>>()
+                })
+                .await
+        }
+    };
+    // Two steps charged the small saga; the big one's failed charge left nothing.
+    assert_eq!(ledger("small").await?, ["charged", "charged"]);
+    assert_eq!(ledger("big").await?, Vec::<String>::new());
+    let runs_before = runs.load(Ordering::SeqCst);
+
+    // A replayed command (same idempotency key) answers the stored result
+    // without running the handler again.
+    let replay = json!({
+        "saga_id": "small", "saga": "tx_payment", "step_id": "charge", "phase": "action",
+        "attempt": 2, "idempotency_key": "small/charge/action", "action_key": "small/charge/action",
+        "input": {"amount": 30}, "outputs": {}
+    });
+    let reply: Value = bus.request("tx_payments", "charge", &replay).await?;
+    assert_eq!(
+        reply,
+        json!({"outcome": "completed", "output": {"charged": 30}})
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), runs_before);
+    assert_eq!(ledger("small").await?, ["charged", "charged"]);
+
+    // A compensation that arrives before its action fences the action off.
+    let early = json!({
+        "saga_id": "early", "saga": "tx_payment", "step_id": "charge", "phase": "compensation",
+        "attempt": 1, "idempotency_key": "early/charge/compensation", "action_key": "early/charge/action",
+        "input": {"amount": 30}, "outputs": {}
+    });
+    let reply: Value = bus.request("tx_payments", "refund", &early).await?;
+    assert_eq!(reply, json!({"outcome": "completed", "output": null}));
+    let late_action = json!({
+        "saga_id": "early", "saga": "tx_payment", "step_id": "charge", "phase": "action",
+        "attempt": 1, "idempotency_key": "early/charge/action", "action_key": "early/charge/action",
+        "input": {"amount": 30}, "outputs": {}
+    });
+    let reply: Value = bus.request("tx_payments", "charge", &late_action).await?;
+    assert_eq!(reply["outcome"], "failed");
+    assert_eq!(ledger("early").await?, Vec::<String>::new());
+
+    orchestrator.shutdown().await;
+    bus.shutdown().await;
+    Ok(())
+}

@@ -5,9 +5,11 @@
 //! `--pattern` picks what runs; each pattern lives in a module of its own
 //! and is dispatched from [`run`].
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use busway::protect::PayloadProtection;
 use bytes::{BufMut, Bytes, BytesMut};
 use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
@@ -58,6 +60,16 @@ pub(crate) struct BenchArgs {
     /// Also run the bare storage doing the same work, and print the ratio.
     #[arg(long, value_enum)]
     baseline: Option<Baseline>,
+    /// Encrypt payloads (`aes-256-gcm` when no value is given, or
+    /// `chacha20-poly1305`) or sign them (`hmac-sha256`): `--pattern
+    /// transport` then runs the protected and the plain transport side by
+    /// side and prints the ratio.
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "aes-256-gcm")]
+    encrypt: Option<BenchAlgorithm>,
+    /// Compress payloads (`zstd`, `lz4`) before any encryption, beside the
+    /// plain run like `--encrypt`. The bench payload is highly compressible.
+    #[arg(long, value_enum)]
+    compress: Option<BenchCompression>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -72,6 +84,64 @@ pub(crate) enum Pattern {
     Rpc,
     /// Tasks through the `Bus` work queue (with `--layers`), beside the bare transport.
     WorkQueue,
+}
+
+/// `--encrypt`: how payloads are protected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum BenchAlgorithm {
+    /// AES-256-GCM.
+    #[value(name = "aes-256-gcm")]
+    Aes256Gcm,
+    /// ChaCha20-Poly1305.
+    #[value(name = "chacha20-poly1305")]
+    ChaCha20Poly1305,
+    /// HMAC-SHA256 signature (no secrecy).
+    #[value(name = "hmac-sha256")]
+    HmacSha256,
+}
+
+/// `--compress`: how payloads are compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum BenchCompression {
+    /// Zstandard, level 3.
+    Zstd,
+    /// LZ4.
+    Lz4,
+}
+
+impl BenchArgs {
+    /// The protection `--encrypt` and `--compress` ask for, with its name.
+    fn protection(&self) -> Option<(String, Arc<PayloadProtection>)> {
+        use busway::protect::{Algorithm, ContentEncoding, Keyring, SecretKey};
+        if self.encrypt.is_none() && self.compress.is_none() {
+            return None;
+        }
+        let mut name = String::from("busway");
+        let mut protection = match self.encrypt {
+            Some(algorithm) => {
+                let algorithm = match algorithm {
+                    BenchAlgorithm::Aes256Gcm => Algorithm::Aes256Gcm,
+                    BenchAlgorithm::ChaCha20Poly1305 => Algorithm::ChaCha20Poly1305,
+                    BenchAlgorithm::HmacSha256 => Algorithm::HmacSha256,
+                };
+                name.push('+');
+                name.push_str(algorithm.as_str());
+                let keyring = Keyring::new().with_key("bench", SecretKey::generate());
+                PayloadProtection::new(keyring, algorithm)
+            }
+            None => PayloadProtection::none(),
+        };
+        if let Some(compression) = self.compress {
+            let encoding = match compression {
+                BenchCompression::Zstd => ContentEncoding::Zstd,
+                BenchCompression::Lz4 => ContentEncoding::Lz4,
+            };
+            name.push('+');
+            name.push_str(encoding.as_str());
+            protection = protection.compress(encoding);
+        }
+        Some((name, Arc::new(protection)))
+    }
 }
 
 /// What to compare against.
@@ -141,6 +211,9 @@ impl Measured {
 }
 
 pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if (args.encrypt.is_some() || args.compress.is_some()) && args.pattern != Pattern::Transport {
+        bail!("--encrypt and --compress apply to --pattern transport");
+    }
     match args.pattern {
         Pattern::Transport => run_transport(&args).await,
         Pattern::Rpc => rpc::run(&args).await,
@@ -170,6 +243,28 @@ async fn run_transport(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let redacted = busway::redact_url(&args.url);
 
+    if let Some((name, protection)) = args.protection() {
+        if args.baseline.is_some() {
+            bail!(
+                "--encrypt and --compress compare with the plain transport; leave out --baseline"
+            );
+        }
+        // The protected run goes first, so any warm-up favours the plain one.
+        reset_peak_rss();
+        let measured = transport::run(args, Some(protection))
+            .await
+            .with_context(|| format!("protected benchmark of {redacted} failed"))?;
+        let mut report = args.report(&name, &redacted, measured, peak_rss_bytes());
+        reset_peak_rss();
+        let measured = transport::run(args, None)
+            .await
+            .with_context(|| format!("benchmark of {redacted} failed"))?;
+        let plain = args.report("busway", &redacted, measured, peak_rss_bytes());
+        report.ratio = Some(report.e2e_rate / plain.e2e_rate);
+        report.baseline = Some(Box::new(plain));
+        return emit(args.json, &report, print_table);
+    }
+
     // The baseline runs first: memory a run frees may stay resident, and the
     // lean baseline leaves little behind to count against busway's peak.
     let baseline = match args.baseline {
@@ -181,7 +276,7 @@ async fn run_transport(args: &BenchArgs) -> anyhow::Result<()> {
         None => None,
     };
     reset_peak_rss();
-    let measured = transport::run(args)
+    let measured = transport::run(args, None)
         .await
         .with_context(|| format!("benchmark of {redacted} failed"))?;
     let mut report = args.report("busway", &redacted, measured, peak_rss_bytes());
@@ -273,8 +368,8 @@ fn print_table(r: &Report) {
             r.peak_rss_bytes as f64 / 1e6
         );
     }
-    if let Some(ratio) = r.ratio {
-        println!("ratio (busway e2e / baseline e2e): {ratio:.2}");
+    if let (Some(ratio), Some(b)) = (r.ratio, &r.baseline) {
+        println!("ratio ({} e2e / {} e2e): {ratio:.2}", r.system, b.system);
     }
 }
 

@@ -12,6 +12,8 @@
 //! - `redis://`: plain redis-rs on a stream of its own (see `redis_streams`).
 //! - `postgres://`: plain sqlx running the transport's statements on a table
 //!   of its own (see `postgres`).
+//! - `nats://`: plain async-nats JetStream on a stream of its own (see
+//!   `nats_jetstream`).
 //!
 //! For `--pattern rpc`:
 //! - `amqp://`: plain lapin RPC with direct reply-to (see `amqp_rpc`).
@@ -29,6 +31,7 @@ use rusqlite::{params, Connection};
 
 mod amqp;
 mod amqp_rpc;
+mod nats_jetstream;
 mod postgres;
 mod redis_streams;
 
@@ -106,6 +109,7 @@ pub(super) async fn run(args: &BenchArgs) -> anyhow::Result<(&'static str, Measu
         "amqp" | "amqps" => Ok(("raw lapin", amqp::run(args).await?)),
         "redis" | "rediss" => Ok(("raw redis-rs", redis_streams::run(args).await?)),
         "postgres" | "postgresql" => Ok(("raw sqlx", postgres::run(args).await?)),
+        "nats" => Ok(("raw async-nats", nats_jetstream::run(args).await?)),
         other => bail!("no raw baseline for `{other}://` yet"),
     }
 }

@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use busway::protect::PayloadProtection;
+use busway::protection::ProtectedTransport;
 use busway::{ConsumeOptions, Message, Publish, QueueName, QueueSpec, Transport};
 use futures::stream::{self, FuturesUnordered};
 use futures::{StreamExt, TryStreamExt};
@@ -14,8 +16,18 @@ use tokio::sync::watch;
 
 use super::{latency_us, new_histogram, stamped_payload, BenchArgs, Measured};
 
-pub(super) async fn run(args: &BenchArgs) -> anyhow::Result<Measured> {
+/// Runs the benchmark on the transport `args.url` names, wrapped in
+/// `protection` if given (every message protected on publish and opened on
+/// receive, as under a protected `Bus`).
+pub(super) async fn run(
+    args: &BenchArgs,
+    protection: Option<Arc<PayloadProtection>>,
+) -> anyhow::Result<Measured> {
     let transport = busway::connect(&args.url).await?;
+    let transport: Arc<dyn Transport> = match protection {
+        Some(protection) => Arc::new(ProtectedTransport::new(transport, protection)),
+        None => transport,
+    };
     let id = uuid::Uuid::new_v4().simple().to_string();
     let queue = QueueName::new(format!("bench_{}", &id[..12]))?;
     transport

@@ -60,7 +60,7 @@ pub(super) async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let redacted = busway::redact_url(&args.url);
     // The bare transport first, as the transport bench's baseline runs first.
     reset_peak_rss();
-    let bare = transport::run(args)
+    let bare = transport::run(args, None)
         .await
         .with_context(|| format!("transport benchmark of {redacted} failed"))?;
     let baseline = args.report("transport", &redacted, bare, peak_rss_bytes());

@@ -7,35 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use busway::saga::{
-    OrchestratorConfig, SagaDefinition, SagaOrchestrator, SagaStep, StartSagaError,
-};
+use busway::saga::{OrchestratorConfig, SagaOrchestrator, StartSagaError};
 use busway::sqlite::{SqliteConfig, SqliteSagaStore, SqliteTransport};
-use busway::{Bus, RetryPolicy};
+use busway::Bus;
+use busway_faults::saga::{definition, input, DEFINITION};
 use futures::StreamExt;
-
-/// The saga the crash test runs: three steps on three services.
-fn definition() -> anyhow::Result<SagaDefinition> {
-    let retry = RetryPolicy::default()
-        .with_max_attempts(20)
-        .with_backoff(Duration::from_millis(50), Duration::from_millis(500));
-    let step = |id: &str, service: &str, compensation: &str| {
-        SagaStep::new(id, service, id)
-            .compensate_with(compensation)
-            .timeout(Duration::from_secs(2))
-            .retry(retry.clone())
-            .compensation_retry(retry.clone())
-    };
-    Ok(SagaDefinition::builder("crash_order")
-        .step(step("create_order", "crash_orders", "cancel_order"))
-        .step(step(
-            "reserve_inventory",
-            "crash_inventory",
-            "release_inventory",
-        ))
-        .step(step("charge_payment", "crash_payments", "refund_payment"))
-        .build()?)
-}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
@@ -55,16 +31,13 @@ async fn main() -> anyhow::Result<()> {
             .with_poll_interval(Duration::from_millis(100))
             .with_lease_grace(Duration::from_millis(500)),
     );
-    orchestrator.register(definition()?)?;
+    orchestrator.register(definition(Duration::from_secs(2), 20)?)?;
     futures::stream::iter(0..count)
         .map(|i| {
             let orchestrator = orchestrator.clone();
             async move {
-                // Every tenth order is over the payment limit: it compensates.
-                let amount = if i % 10 == 0 { 20_000 } else { 100 };
-                let input = serde_json::json!({ "order": i, "amount": amount });
                 match orchestrator
-                    .start("crash_order", &format!("saga-{i}"), &input)
+                    .start(DEFINITION, &format!("saga-{i}"), &input(i))
                     .await
                 {
                     Ok(()) | Err(StartSagaError::AlreadyExists(_)) => Ok(()),

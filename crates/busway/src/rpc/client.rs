@@ -9,17 +9,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use busway_core::{
-    ConsumeOptions, DirectReplyChannel, Durability, Message, Publish, PublishError, QueueName,
-    CONTENT_TYPE_JSON,
+    Codec, ConsumeOptions, DirectReplyChannel, Durability, Message, Publish, PublishError,
+    QueueName, CONTENT_TYPE_JSON,
 };
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use super::wire::{service_queue, RequestBody, ResponseBody};
+use super::wire::{service_queue, ResponseBody};
 use super::RpcError;
 use crate::bus::{lock, settle_logged, Bus, Counters};
 
@@ -179,7 +180,8 @@ pub struct Request<T> {
     bus: Bus,
     service: String,
     method: String,
-    params: Result<Value, serde_json::Error>,
+    /// Encoded once, straight from the caller's type (no JSON tree between).
+    params: Result<Box<RawValue>, serde_json::Error>,
     timeout: Duration,
     _reply: PhantomData<fn() -> T>,
 }
@@ -225,7 +227,7 @@ impl Bus {
             bus: self.clone(),
             service: service.to_owned(),
             method: method.to_owned(),
-            params: serde_json::to_value(params),
+            params: serde_json::value::to_raw_value(params),
             timeout: DEFAULT_TIMEOUT,
             _reply: PhantomData,
         }
@@ -270,10 +272,10 @@ async fn call<T: DeserializeOwned>(request: Request<T>) -> Result<T, RpcError> {
     let queue = service_queue(&service)?;
     let client = bus.rpc_client().await?;
     let correlation_id = uuid::Uuid::new_v4().to_string();
-    let body = RequestBody {
-        method: method.clone(),
-        params,
-        timestamp: Some(crate::time::now_iso8601()),
+    let body = RequestOut {
+        method: &method,
+        params: &params,
+        timestamp: crate::time::now_iso8601(),
     };
     let message = Message::json("rpc_request", &body)
         .map_err(RpcError::Encode)?
@@ -321,15 +323,56 @@ async fn call<T: DeserializeOwned>(request: Request<T>) -> Result<T, RpcError> {
         method: method.clone(),
         message,
     };
-    let response: ResponseBody = reply.decode().map_err(|e| decode_error(e.to_string()))?;
-    match response {
-        ResponseBody::Success { data } => {
-            serde_json::from_value(data).map_err(|e| decode_error(e.to_string()))
+    if !matches!(
+        Codec::for_content_type(&reply.content_type),
+        Ok(Codec::Json)
+    ) {
+        let response: ResponseBody = reply.decode().map_err(|e| decode_error(e.to_string()))?;
+        return match response {
+            ResponseBody::Success { data } => {
+                serde_json::from_value(data).map_err(|e| decode_error(e.to_string()))
+            }
+            ResponseBody::Error { message } => Err(RpcError::Remote {
+                service,
+                method,
+                message,
+            }),
+        };
+    }
+    // JSON: `data` is decoded straight into `T`, with no JSON tree between.
+    let response: ResponseIn<'_> =
+        serde_json::from_slice(&reply.payload).map_err(|e| decode_error(e.to_string()))?;
+    match (response.status.as_ref(), response.data, response.message) {
+        ("success", data, _) => {
+            let data = data.map_or("null", RawValue::get);
+            serde_json::from_str(data).map_err(|e| decode_error(e.to_string()))
         }
-        ResponseBody::Error { message } => Err(RpcError::Remote {
+        ("error", _, Some(message)) => Err(RpcError::Remote {
             service,
             method,
             message,
         }),
+        (status, _, _) => Err(decode_error(format!(
+            "not a reference response (status `{status}`, or an error without a message)"
+        ))),
     }
+}
+
+/// A request as sent: the reference body with the params already encoded.
+#[derive(Serialize)]
+struct RequestOut<'a> {
+    method: &'a str,
+    params: &'a RawValue,
+    timestamp: String,
+}
+
+/// A JSON reply as read: the reference body with `data` left encoded.
+#[derive(Deserialize)]
+struct ResponseIn<'a> {
+    #[serde(borrow)]
+    status: std::borrow::Cow<'a, str>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+    #[serde(default)]
+    message: Option<String>,
 }

@@ -15,7 +15,7 @@ mod client;
 mod error;
 mod server;
 mod service;
-mod wire;
+pub(crate) mod wire;
 
 pub use client::{Request, DEFAULT_TIMEOUT};
 pub use error::RpcError;

@@ -10,6 +10,10 @@
 //!   handlers in their own process. Each handler gets a [`StepContext`]:
 //!   the saga's input and the outputs of earlier steps. Results are stored
 //!   by idempotency key, so a replayed step command does not repeat its effect.
+//!   A participant whose effects are writes to its own SQLite database runs
+//!   them in the transaction that stores the result
+//!   ([`on_action_in_transaction`](SagaParticipant::on_action_in_transaction)):
+//!   exactly once even when the participant is killed mid-step.
 //! - The [`SagaOrchestrator`] (any process) keeps each saga in a
 //!   [`SagaStore`](crate::saga_store::SagaStore) (SQLite, memory, …),
 //!   dispatches the steps over the bus as RPC calls to the services that
@@ -34,7 +38,9 @@ mod definition;
 pub mod metrics;
 mod orchestrator;
 mod participant;
-mod wire;
+#[cfg(feature = "sqlite")]
+mod transactional;
+pub(crate) mod wire;
 
 pub use definition::{
     DefinitionError, SagaDefinition, SagaDefinitionBuilder, SagaStep, DEFAULT_STEP_TIMEOUT,

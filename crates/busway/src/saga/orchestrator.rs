@@ -1,7 +1,7 @@
 //! The orchestrator: persists sagas, dispatches their steps, retries,
 //! compensates, and resumes what a crashed orchestrator left.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use super::clock::{millis, Clock};
 use super::definition::{DefinitionError, SagaDefinition};
 use super::metrics::{Counters, Outcome, SagaStats};
-use super::wire::{idempotency_key, Phase, StepCommand, StepReply};
+use super::wire::{idempotency_key, Phase, StepCommandRef, StepReply};
 use crate::bus::{lock, Bus};
 use crate::rpc::RpcError;
 
@@ -676,21 +676,20 @@ impl Inner {
             Phase::Action => step.action(),
             Phase::Compensation => step.compensation().unwrap_or_default(),
         };
-        let outputs: BTreeMap<String, Value> = saga
-            .steps
-            .iter()
-            .filter_map(|s| s.output.clone().map(|o| (s.step_id.clone(), o)))
-            .collect();
-        let command = StepCommand {
-            saga_id: saga.id.clone(),
-            saga: saga.definition.clone(),
-            step_id: step.id().to_owned(),
+        let command = StepCommandRef {
+            saga_id: &saga.id,
+            saga: &saga.definition,
+            step_id: step.id(),
             phase,
             attempt,
             idempotency_key: idempotency_key(&saga.id, step.id(), phase),
             action_key: idempotency_key(&saga.id, step.id(), Phase::Action),
-            input: saga.input.clone(),
-            outputs,
+            input: &saga.input,
+            outputs: saga
+                .steps
+                .iter()
+                .filter_map(|s| s.output.as_ref().map(|o| (s.step_id.as_str(), o)))
+                .collect(),
         };
         let _slot = self.slots.acquire().await;
         self.counters.attempt(&saga.definition, step.id(), phase);

@@ -111,8 +111,12 @@ const LOCK_STRIPES: usize = 64;
 #[derive(Clone)]
 pub struct SagaParticipant {
     bus: Bus,
-    service: String,
+    pub(super) service: String,
     store: Arc<dyn SagaStore>,
+    /// Set by [`with_sqlite_store`](Self::with_sqlite_store): the database
+    /// transactional handlers write their effects to.
+    #[cfg(feature = "sqlite")]
+    pub(super) sqlite: Option<busway_sqlite::SqliteSagaStore>,
     locks: Arc<Vec<Mutex<()>>>,
     concurrency: usize,
 }
@@ -132,6 +136,8 @@ impl SagaParticipant {
             bus: bus.clone(),
             service: service.into(),
             store,
+            #[cfg(feature = "sqlite")]
+            sqlite: None,
             locks: Arc::new((0..LOCK_STRIPES).map(|_| Mutex::new(())).collect()),
             concurrency: crate::rpc::DEFAULT_RPC_CONCURRENCY,
         }
@@ -224,24 +230,38 @@ impl SagaParticipant {
     {
         let handler = Arc::new(handler);
         let participant = self.clone();
+        self.serve(name, phase, move |name, command| {
+            let participant = participant.clone();
+            let handler = handler.clone();
+            async move { participant.run(&name, command, handler.as_ref()).await }
+        })
+        .await
+    }
+
+    /// Serves `name` as this service's `phase` handler: `run` answers each
+    /// command of that phase (given the handler's name); a command of the
+    /// other phase is refused.
+    pub(super) async fn serve<F, Fut>(
+        &self,
+        name: &str,
+        phase: Phase,
+        run: F,
+    ) -> Result<(), SetupError>
+    where
+        F: Fn(String, StepCommand) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = StepReply> + Send + 'static,
+    {
+        let run = Arc::new(run);
         let name_owned = name.to_owned();
         self.bus
             .register_request_handler(&self.service, name, move |command: StepCommand| {
-                let participant = participant.clone();
-                let handler = handler.clone();
+                let run = run.clone();
                 let name = name_owned.clone();
                 async move {
                     let reply = if command.phase == phase {
-                        participant.run(&name, command, handler.as_ref()).await
+                        run(name, command).await
                     } else {
-                        StepReply::Failed {
-                            error: format!(
-                                "`{name}` is a {} handler, called as a {}",
-                                phase.as_str(),
-                                command.phase.as_str()
-                            ),
-                            retryable: false,
-                        }
+                        wrong_phase(&name, phase, command.phase)
                     };
                     Ok::<_, HandlerError>(reply)
                 }
@@ -277,11 +297,7 @@ impl SagaParticipant {
         }
         if command.phase == Phase::Compensation {
             // Fence the action off; if it never completed, there is nothing to undo.
-            let fence = serde_json::to_value(StepReply::Failed {
-                error: "the step was compensated before its action ran".into(),
-                retryable: false,
-            })
-            .unwrap_or(Value::Null);
+            let fence = serde_json::to_value(fence()).unwrap_or(Value::Null);
             match self
                 .store
                 .save_step_result(&command.action_key, &fence)
@@ -301,39 +317,14 @@ impl SagaParticipant {
                 Err(e) => return store_failure(&e),
             }
         }
-        let input: I = match I::deserialize(&command.input) {
-            Ok(input) => input,
-            Err(e) => {
-                return StepReply::Failed {
-                    error: format!("the saga input does not fit `{name}`: {e}"),
-                    retryable: false,
-                }
-            }
-        };
-        let context = StepContext {
-            saga_id: command.saga_id,
-            saga: command.saga,
-            step_id: command.step_id,
-            attempt: command.attempt,
-            idempotency_key: key.clone(),
-            outputs: command.outputs,
-            input,
+        let context = match context(name, command) {
+            Ok(context) => context,
+            Err(reply) => return reply,
         };
         let outcome = AssertUnwindSafe(handler(context)).catch_unwind().await;
         let reply = match outcome {
-            Ok(Ok(output)) => match serde_json::to_value(output) {
-                Ok(output) => StepReply::Completed { output },
-                Err(e) => StepReply::Failed {
-                    error: format!("the output of `{name}` could not be encoded: {e}"),
-                    retryable: false,
-                },
-            },
-            Ok(Err(e)) => {
-                return StepReply::Failed {
-                    error: e.message().to_owned(),
-                    retryable: e.is_retryable(),
-                }
-            }
+            Ok(Ok(output)) => completed(name, output),
+            Ok(Err(e)) => return failed(&e),
             Err(panic) => {
                 return StepReply::Failed {
                     error: panic_message(panic.as_ref()),
@@ -362,14 +353,75 @@ impl SagaParticipant {
     }
 }
 
-fn decode_stored(stored: Value) -> StepReply {
+/// The context a handler of `name` is given for `command`, or the failure
+/// to answer when the saga's input does not fit the handler.
+pub(super) fn context<I: DeserializeOwned>(
+    name: &str,
+    command: StepCommand,
+) -> Result<StepContext<I>, StepReply> {
+    let input = I::deserialize(&command.input).map_err(|e| StepReply::Failed {
+        error: format!("the saga input does not fit `{name}`: {e}"),
+        retryable: false,
+    })?;
+    Ok(StepContext {
+        saga_id: command.saga_id,
+        saga: command.saga,
+        step_id: command.step_id,
+        attempt: command.attempt,
+        idempotency_key: command.idempotency_key,
+        outputs: command.outputs,
+        input,
+    })
+}
+
+/// The reply for a handler of `name` that returned `output`.
+pub(super) fn completed(name: &str, output: impl Serialize) -> StepReply {
+    match serde_json::to_value(output) {
+        Ok(output) => StepReply::Completed { output },
+        Err(e) => StepReply::Failed {
+            error: format!("the output of `{name}` could not be encoded: {e}"),
+            retryable: false,
+        },
+    }
+}
+
+/// The reply for a handler that failed with `e` (not stored: a retry runs it again).
+pub(super) fn failed(e: &HandlerError) -> StepReply {
+    StepReply::Failed {
+        error: e.message().to_owned(),
+        retryable: e.is_retryable(),
+    }
+}
+
+/// The reply when a command of `called` reaches a handler of `phase`.
+fn wrong_phase(name: &str, phase: Phase, called: Phase) -> StepReply {
+    StepReply::Failed {
+        error: format!(
+            "`{name}` is a {} handler, called as a {}",
+            phase.as_str(),
+            called.as_str()
+        ),
+        retryable: false,
+    }
+}
+
+/// The result a compensation stores under its action's key when it arrives
+/// first: the action, if it arrives later, fails without running.
+pub(super) fn fence() -> StepReply {
+    StepReply::Failed {
+        error: "the step was compensated before its action ran".into(),
+        retryable: false,
+    }
+}
+
+pub(super) fn decode_stored(stored: Value) -> StepReply {
     serde_json::from_value(stored).unwrap_or_else(|e| StepReply::Failed {
         error: format!("the stored step result cannot be read: {e}"),
         retryable: false,
     })
 }
 
-fn store_failure(e: &dyn std::error::Error) -> StepReply {
+pub(super) fn store_failure(e: &dyn std::error::Error) -> StepReply {
     StepReply::Failed {
         error: format!("the participant's saga store failed: {e}"),
         retryable: true,

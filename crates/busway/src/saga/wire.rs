@@ -46,6 +46,21 @@ pub(crate) struct StepCommand {
     pub(crate) outputs: BTreeMap<String, Value>,
 }
 
+/// A [`StepCommand`] as the orchestrator sends it: the same JSON, encoded
+/// from the saga as it is, without copying its input and outputs.
+#[derive(Debug, Serialize)]
+pub(crate) struct StepCommandRef<'a> {
+    pub(crate) saga_id: &'a str,
+    pub(crate) saga: &'a str,
+    pub(crate) step_id: &'a str,
+    pub(crate) phase: Phase,
+    pub(crate) attempt: u32,
+    pub(crate) idempotency_key: String,
+    pub(crate) action_key: String,
+    pub(crate) input: &'a Value,
+    pub(crate) outputs: BTreeMap<&'a str, &'a Value>,
+}
+
 /// The reply to a step command.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "lowercase")]
@@ -62,4 +77,35 @@ pub(crate) enum StepReply {
 /// The idempotency key of one half of one step of one saga.
 pub(crate) fn idempotency_key(saga_id: &str, step_id: &str, phase: Phase) -> String {
     format!("{saga_id}/{step_id}/{}", phase.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_borrowed_command_encodes_like_an_owned_one() -> Result<(), serde_json::Error> {
+        let input = serde_json::json!({"order_id": "o-1", "amount": 30});
+        let output = serde_json::json!({"reserved": true});
+        let borrowed = StepCommandRef {
+            saga_id: "s-1",
+            saga: "order",
+            step_id: "charge",
+            phase: Phase::Compensation,
+            attempt: 2,
+            idempotency_key: idempotency_key("s-1", "charge", Phase::Compensation),
+            action_key: idempotency_key("s-1", "charge", Phase::Action),
+            input: &input,
+            outputs: BTreeMap::from([("reserve", &output)]),
+        };
+        let decoded: StepCommand = serde_json::from_str(&serde_json::to_string(&borrowed)?)?;
+        assert_eq!(decoded.saga_id, "s-1");
+        assert_eq!(decoded.phase, Phase::Compensation);
+        assert_eq!(decoded.attempt, 2);
+        assert_eq!(decoded.idempotency_key, "s-1/charge/compensation");
+        assert_eq!(decoded.action_key, "s-1/charge/action");
+        assert_eq!(decoded.input, input);
+        assert_eq!(decoded.outputs.get("reserve"), Some(&output));
+        Ok(())
+    }
 }

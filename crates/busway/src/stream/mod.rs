@@ -51,7 +51,7 @@
 
 mod receiver;
 mod sender;
-mod wire;
+pub(crate) mod wire;
 
 pub use receiver::DEFAULT_MEMORY_LIMIT;
 pub use receiver::{ReceiveStreams, ReceivedStream, StreamProgress, StreamReceiver};

@@ -1,10 +1,25 @@
-//! How a message is stored in a stream entry: one MessagePack field `m`
-//! with the whole envelope, and one field `a` with the number of
-//! deliveries so far (so scripts can count attempts without decoding).
+//! The whole message as one MessagePack body: id, kind, correlation and
+//! causation ids, reply address, headers, content type, timestamp,
+//! priority, expiry, the topic it was published to, and the payload. How
+//! broker transports that have no fields of their own for these (Redis
+//! Streams, NATS JetStream) store a message; what changes between
+//! deliveries (attempts, due times) travels beside it, so the body is
+//! never decoded to be moved.
+//!
+//! ```
+//! use busway_core::{envelope, Message, Topic};
+//!
+//! let topic = Topic::new("order.created")?;
+//! let message = Message::new("order.created", "{}").with_header("tenant", "a");
+//! let (back, to) = envelope::decode(&envelope::encode(&message, Some(&topic))?)?;
+//! assert_eq!((back.id, to), (message.id, Some(topic)));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use busway_core::{unix_millis, Headers, Message, Priority, Topic};
+use crate::codec::{CodecError, CONTENT_TYPE_MSGPACK};
+use crate::{unix_millis, Headers, Message, Priority, Topic};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -27,7 +42,7 @@ struct Envelope {
 }
 
 /// Encodes a message (and the topic it was published to).
-pub(crate) fn encode(message: &Message, topic: Option<&Topic>) -> Result<Bytes, String> {
+pub fn encode(message: &Message, topic: Option<&Topic>) -> Result<Bytes, CodecError> {
     let envelope = Envelope {
         id: message.id,
         kind: message.kind.clone(),
@@ -44,14 +59,21 @@ pub(crate) fn encode(message: &Message, topic: Option<&Topic>) -> Result<Bytes, 
     };
     rmp_serde::to_vec_named(&envelope)
         .map(Bytes::from)
-        .map_err(|e| e.to_string())
+        .map_err(|e| CodecError::Encode {
+            content_type: CONTENT_TYPE_MSGPACK,
+            message: e.to_string(),
+        })
 }
 
 /// Decodes what [`encode`] wrote.
-pub(crate) fn decode(blob: &[u8]) -> Result<(Message, Option<Topic>), String> {
-    let e: Envelope = rmp_serde::from_slice(blob).map_err(|e| e.to_string())?;
+pub fn decode(blob: &[u8]) -> Result<(Message, Option<Topic>), CodecError> {
+    let malformed = |message: String| CodecError::Decode {
+        content_type: CONTENT_TYPE_MSGPACK,
+        message,
+    };
+    let e: Envelope = rmp_serde::from_slice(blob).map_err(|e| malformed(e.to_string()))?;
     let topic = match e.topic {
-        Some(t) => Some(Topic::new(t).map_err(|e| e.to_string())?),
+        Some(t) => Some(Topic::new(t).map_err(|e| malformed(e.to_string()))?),
         None => None,
     };
     let message = Message {
