@@ -13,6 +13,7 @@
 //! | rate limit | [`RateLimitLayer`] | shared by every clone of the service; waits or rejects |
 //! | dedup by message id | [`DedupLayer`] | bounded in-memory store with a TTL, or any [`DedupStore`] |
 //! | correlation / causation | [`CorrelationLayer`] | handlers run inside a [`MessageContext`] that outgoing messages pick up |
+//! | W3C trace context | [`trace_context`] | `traceparent` / `tracestate` in message headers, parsed and passed on |
 //!
 //! Layers that can fail on their own (timeout, open circuit, rate limit,
 //! duplicate in progress) produce a [`LayerError`] and convert it into the
@@ -48,6 +49,7 @@ mod inbox;
 mod rate_limit;
 mod retry;
 mod timeout;
+pub mod trace_context;
 
 pub use circuit_breaker::{
     CircuitBreaker, CircuitBreakerConfig, CircuitBreakerHandle, CircuitBreakerLayer, CircuitState,
@@ -63,3 +65,4 @@ pub use timeout::{Timeout, TimeoutLayer};
 /// Bulkhead: at most N calls in the inner service at once (tower's
 /// `ConcurrencyLimit`; clones share the permits).
 pub use tower::limit::{ConcurrencyLimit, ConcurrencyLimitLayer};
+pub use trace_context::{TraceContext, TraceParent};
