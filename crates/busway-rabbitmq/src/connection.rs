@@ -243,7 +243,17 @@ impl Inner {
         let props = ConnectionProperties::default().with_connection_name(LongString::from(
             self.config.connection_name.as_bytes().to_vec(),
         ));
-        let connection = Connection::connect_uri(self.uri.clone(), props).await?;
+        let connection = match &self.config.tls_ca_pem {
+            None => Connection::connect_uri(self.uri.clone(), props).await?,
+            Some(pem) => {
+                let tls = lapin::tcp::OwnedTLSConfig {
+                    identity: None,
+                    cert_chain: Some(pem.clone()),
+                };
+                let runtime = lapin::runtime::default_runtime()?;
+                Connection::connect_uri_with_config(self.uri.clone(), props, tls, runtime).await?
+            }
+        };
         let setup = connection.create_channel().await?;
         let durable = ExchangeDeclareOptions {
             durable: true,
@@ -322,15 +332,17 @@ impl Inner {
         spec: &QueueSpec,
     ) -> Result<(), lapin::Error> {
         let ch = connection.create_channel().await?;
+        let exclusive = self.is_exclusive(&spec.name);
+        let quorum = self.quorum() && spec.durable && !exclusive;
         let result = async {
             ch.queue_declare(
                 short(spec.name.as_str())?,
                 QueueDeclareOptions {
                     durable: spec.durable,
-                    exclusive: self.is_exclusive(&spec.name),
+                    exclusive,
                     ..Default::default()
                 },
-                queue_arguments(spec, &self.config.dead_letter_exchange),
+                queue_arguments(spec, &self.config.dead_letter_exchange, quorum),
             )
             .await?;
             if let Some(dlq) = &spec.dead_letter {
@@ -350,13 +362,17 @@ impl Inner {
         ch: &Channel,
         dlq: &QueueName,
     ) -> Result<(), lapin::Error> {
+        let mut args = FieldTable::default();
+        if self.quorum() {
+            args.insert("x-queue-type".into(), crate::wire::str_value("quorum"));
+        }
         ch.queue_declare(
             short(dlq.as_str())?,
             QueueDeclareOptions {
                 durable: true,
                 ..Default::default()
             },
-            FieldTable::default(),
+            args,
         )
         .await?;
         ch.queue_bind(
@@ -508,6 +524,11 @@ impl Inner {
     /// Marks `queue` as temporary: declared exclusive from now on.
     pub(crate) fn mark_exclusive(&self, queue: &QueueName) {
         lock(&self.exclusive).insert(queue.clone());
+    }
+
+    /// Whether durable queues are declared as quorum queues.
+    pub(crate) fn quorum(&self) -> bool {
+        self.config.queue_type == crate::QueueType::Quorum
     }
 
     fn is_exclusive(&self, queue: &QueueName) -> bool {

@@ -68,7 +68,7 @@ use busway_core::{
 };
 use lapin::uri::AMQPUri;
 
-pub use config::RabbitMqConfig;
+pub use config::{QueueType, RabbitMqConfig};
 pub use management::ManagementQueue;
 
 use connection::{reply_code, reply_text, Fail, Inner, NOT_FOUND, PRECONDITION_FAILED};
@@ -89,7 +89,9 @@ impl std::fmt::Debug for RabbitMqTransport {
 }
 
 impl RabbitMqTransport {
-    /// Connects with the default [`RabbitMqConfig`].
+    /// Connects with the default [`RabbitMqConfig`] and the settings in the
+    /// URL's query string ([`RabbitMqConfig::with_url_settings`]:
+    /// `queue_type=quorum`, `tls_ca=PATH`, `topic_exchange=NAME`).
     ///
     /// ```no_run
     /// # async fn run() -> Result<(), busway_core::ConnectError> {
@@ -98,7 +100,13 @@ impl RabbitMqTransport {
     /// # }
     /// ```
     pub async fn connect(url: &str) -> Result<Self, ConnectError> {
-        Self::connect_with(url, RabbitMqConfig::default()).await
+        let config = RabbitMqConfig::default()
+            .with_url_settings(url)
+            .map_err(|reason| ConnectError::InvalidUrl {
+                url: busway_core::redact_url(url),
+                reason,
+            })?;
+        Self::connect_with(url, config).await
     }
 
     /// Connects to the broker at `url` (`amqp://` or `amqps://`). Errors
@@ -316,6 +324,14 @@ impl RabbitMqTransport {
 
     async fn declare_queue_now(&self, spec: &QueueSpec) -> Result<(), DeclareError> {
         spec.validate()?;
+        if self.inner.quorum() && spec.durable && spec.max_priority.is_some() {
+            return Err(DeclareError::InvalidSpec {
+                queue: spec.name.clone(),
+                reason: "RabbitMQ quorum queues have no priorities; declare this queue \
+                         without max_priority or connect with classic queues"
+                    .into(),
+            });
+        }
         if self.inner.is_closed() {
             return Err(DeclareError::Closed);
         }

@@ -17,9 +17,20 @@ fn millis(d: Duration) -> i64 {
 }
 
 /// The `queue.declare` arguments for `spec`, exactly as the reference code
-/// declares its queues (plus the opt-in ones).
-pub(crate) fn queue_arguments(spec: &QueueSpec, dead_letter_exchange: &str) -> FieldTable {
+/// declares its queues (plus the opt-in ones). `quorum` adds
+/// `x-queue-type: quorum` and the broker-side attempt limit.
+pub(crate) fn queue_arguments(
+    spec: &QueueSpec,
+    dead_letter_exchange: &str,
+    quorum: bool,
+) -> FieldTable {
     let mut args = FieldTable::default();
+    if quorum {
+        args.insert("x-queue-type".into(), str_value("quorum"));
+        if let Some(n) = spec.max_attempts {
+            args.insert("x-delivery-limit".into(), int_value(i64::from(n)));
+        }
+    }
     if let Some(ttl) = spec.message_ttl {
         args.insert("x-message-ttl".into(), int_value(millis(ttl)));
     }
@@ -183,10 +194,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn quorum_queue_arguments() -> Result<(), Box<dyn std::error::Error>> {
+        let spec = QueueSpec::new(QueueName::new("orders")?).with_max_attempts(5);
+        let args = queue_arguments(&spec, "dead_letter_exchange", true);
+        assert_eq!(args.inner().get("x-queue-type"), Some(&str_value("quorum")));
+        assert_eq!(args.inner().get("x-delivery-limit"), Some(&int_value(5)));
+        let classic = queue_arguments(&spec, "dead_letter_exchange", false);
+        assert!(classic.inner().get("x-queue-type").is_none());
+        Ok(())
+    }
+
+    #[test]
     fn reference_task_queue_arguments() -> Result<(), Box<dyn std::error::Error>> {
         let spec = QueueSpec::new(QueueName::new("task_queue")?)
             .with_message_ttl(Duration::from_secs(86_400));
-        let args = queue_arguments(&spec, "dead_letter_exchange");
+        let args = queue_arguments(&spec, "dead_letter_exchange", false);
         let keys: Vec<&str> = args.inner().keys().map(|k| k.as_str()).collect();
         assert_eq!(
             keys,
