@@ -40,6 +40,7 @@ pub mod es;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 mod handler;
+pub mod health;
 pub mod metrics;
 pub mod middleware;
 #[cfg(feature = "protect")]
