@@ -91,6 +91,36 @@ struct Breaker {
     success_count: u32,
     opened_at: Option<Instant>,
     stats: CircuitStats,
+    gauge: Option<StateGauge>,
+}
+
+/// `busway_circuit_breaker_state{breaker}`: 0 closed, 1 half-open, 2 open.
+struct StateGauge {
+    name: String,
+    gauge: metrics::Gauge,
+}
+
+impl StateGauge {
+    fn new(name: String, state: CircuitState) -> Self {
+        let gauge = metrics::gauge!("busway_circuit_breaker_state", "breaker" => name.clone());
+        let this = Self { name, gauge };
+        this.set(state);
+        this
+    }
+
+    fn set(&self, state: CircuitState) {
+        self.gauge.set(match state {
+            CircuitState::Closed => 0.0,
+            CircuitState::HalfOpen => 1.0,
+            CircuitState::Open => 2.0,
+        });
+    }
+}
+
+impl fmt::Debug for StateGauge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("StateGauge").field(&self.name).finish()
+    }
 }
 
 #[derive(Debug)]
@@ -110,6 +140,9 @@ impl Shared {
             breaker.state = state;
             if state == CircuitState::Open {
                 breaker.stats.opened += 1;
+            }
+            if let Some(gauge) = &breaker.gauge {
+                gauge.set(state);
             }
             self.state_tx.send_replace(state);
         }
@@ -274,6 +307,7 @@ impl CircuitBreakerLayer {
                     success_count: 0,
                     opened_at: None,
                     stats: CircuitStats::default(),
+                    gauge: None,
                 }),
                 state_tx: watch::channel(CircuitState::Closed).0,
             }),
@@ -282,7 +316,33 @@ impl CircuitBreakerLayer {
     }
 }
 
+impl CircuitBreakerLayer {
+    /// A closed breaker with the default thresholds, named `name`: its state
+    /// is the gauge `busway_circuit_breaker_state{breaker="name"}` (0 closed,
+    /// 1 half-open, 2 open), set on every transition.
+    ///
+    /// ```
+    /// use busway_middleware::CircuitBreakerLayer;
+    /// let payments = CircuitBreakerLayer::named("payments");
+    /// ```
+    pub fn named(name: impl Into<String>) -> Self {
+        Self::default().with_name(name)
+    }
+}
+
 impl<C> CircuitBreakerLayer<C> {
+    /// Names this breaker: its state becomes the gauge
+    /// `busway_circuit_breaker_state{breaker="name"}` (0 closed, 1 half-open,
+    /// 2 open), set now and on every transition.
+    pub fn with_name(self, name: impl Into<String>) -> Self {
+        {
+            let mut breaker = self.shared.lock();
+            let state = breaker.state;
+            breaker.gauge = Some(StateGauge::new(name.into(), state));
+        }
+        self
+    }
+
     /// Counts only the errors `is_failure` accepts as failures, such as
     /// `|e: &RpcError| !matches!(e, RpcError::Remote { .. })`.
     pub fn count_failures_if<D>(self, is_failure: D) -> CircuitBreakerLayer<D> {

@@ -144,6 +144,7 @@ pub(crate) struct BusInner {
     shutdown: watch::Sender<bool>,
     pub(crate) workers: Mutex<Vec<JoinHandle<()>>>,
     pub(crate) counters: Arc<Counters>,
+    pub(crate) metrics: crate::metrics::BusMetrics,
     pub(crate) rpc_client: OnceCell<Arc<RpcClient>>,
     pub(crate) services: Mutex<HashMap<String, Arc<MethodTable>>>,
     pub(crate) groups: Mutex<HashMap<String, Arc<GroupTable>>>,
@@ -242,6 +243,7 @@ impl Bus {
                 shutdown: watch::channel(false).0,
                 workers: Mutex::new(Vec::new()),
                 counters: Arc::new(Counters::default()),
+                metrics: crate::metrics::BusMetrics::default(),
                 rpc_client: OnceCell::new(),
                 services: Mutex::new(HashMap::new()),
                 groups: Mutex::new(HashMap::new()),
@@ -313,6 +315,7 @@ impl Bus {
         let mut shutdown = self.inner.shutdown.subscribe();
         let slots = Arc::new(Semaphore::new(concurrency.max(1)));
         let handle = Arc::new(handle);
+        let metrics = self.inner.metrics.consumer(&queue);
         let worker = tokio::spawn(async move {
             let mut running = JoinSet::new();
             loop {
@@ -327,9 +330,10 @@ impl Bus {
                 };
                 match next {
                     Some(Ok(delivery)) => {
-                        let handle = handle.clone();
+                        metrics.received(delivery.message(), delivery.attempt());
+                        let handled = metrics.clone().scope(handle(delivery));
                         running.spawn(async move {
-                            handle(delivery).await;
+                            handled.await;
                             drop(permit);
                         });
                     }

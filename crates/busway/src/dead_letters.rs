@@ -291,6 +291,8 @@ impl DeadLetters {
         if replay.dry_run {
             return Ok(report);
         }
+        let replayed = ::metrics::counter!("busway_dead_letters_replayed_total",
+            "queue" => self.queue.as_str().to_owned());
         for (delivery, dead) in pass.matched {
             let destination = match (&replay.to, &dead.original_queue) {
                 (Some(q), _) => q.clone(),
@@ -319,6 +321,7 @@ impl DeadLetters {
                 other => other?,
             }
             delivery.ack().await?;
+            replayed.increment(1);
         }
         Ok(report)
     }
@@ -332,8 +335,11 @@ impl DeadLetters {
         let pass = self.take(filter).await?;
         let report = pass.report();
         if !dry_run {
+            let purged = ::metrics::counter!("busway_dead_letters_purged_total",
+                "queue" => self.queue.as_str().to_owned());
             for (delivery, _) in pass.matched {
                 delivery.ack().await?;
+                purged.increment(1);
             }
         }
         Ok(report)

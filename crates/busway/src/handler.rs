@@ -4,6 +4,8 @@ use std::any::Any;
 use std::fmt;
 use std::time::Duration;
 
+pub(crate) use crate::metrics::DeadLetterReason;
+
 /// A handler failed. Any error converts into it with `?`; build one by hand
 /// with [`HandlerError::new`] (retried) or [`HandlerError::permanent`]
 /// (dead-lettered, or answered as an error, without retrying).
@@ -181,26 +183,41 @@ pub(crate) async fn settle_failure(
     let queue = delivery.queue().clone();
     let attempt = delivery.attempt();
     if !error.is_retryable() || policy.is_last(attempt) {
-        Counters::bump(&counters.dead_lettered);
-        let reason = if error.is_retryable() {
-            format!("{what} failed after {attempt} attempts: {error}")
+        let (reason, kind) = if error.is_retryable() {
+            let reason = format!("{what} failed after {attempt} attempts: {error}");
+            (reason, DeadLetterReason::Failed)
         } else {
-            format!("{what} failed permanently: {error}")
+            let reason = format!("{what} failed permanently: {error}");
+            (reason, DeadLetterReason::Permanent)
         };
-        tracing::warn!(queue = %queue, %reason, "dead-lettering");
-        settle_logged(delivery.dead_letter(reason).await, &queue, "dead-lettering").await;
+        reject(delivery, kind, reason, counters).await;
     } else {
         Counters::bump(&counters.retried);
         let wait = policy.backoff(attempt);
         tracing::debug!(queue = %queue, attempt, ?wait, %error, "retrying");
-        settle_logged(delivery.nack(Some(wait)).await, &queue, "nacking").await;
+        let result = delivery.nack(Some(wait)).await;
+        if result.is_ok() {
+            crate::metrics::retried();
+        }
+        settle_logged(result, &queue, "nacking").await;
     }
+}
+
+/// Acknowledges a handled delivery (logging, not failing, when the backend refuses).
+pub(crate) async fn ack(delivery: busway_core::Delivery, what: &str) {
+    let queue = delivery.queue().clone();
+    let result = delivery.ack().await;
+    if result.is_ok() {
+        crate::metrics::acked();
+    }
+    crate::bus::settle_logged(result, &queue, what).await;
 }
 
 /// Dead-letters a delivery that can never be handled (malformed, unknown
 /// type, past its attempts) with `reason`.
 pub(crate) async fn reject(
     delivery: busway_core::Delivery,
+    kind: DeadLetterReason,
     reason: String,
     counters: &crate::bus::Counters,
 ) {
@@ -208,7 +225,11 @@ pub(crate) async fn reject(
     Counters::bump(&counters.dead_lettered);
     let queue = delivery.queue().clone();
     tracing::warn!(queue = %queue, %reason, "dead-lettering");
-    settle_logged(delivery.dead_letter(reason).await, &queue, "dead-lettering").await;
+    let result = delivery.dead_letter(reason).await;
+    if result.is_ok() {
+        crate::metrics::dead_lettered(kind);
+    }
+    settle_logged(result, &queue, "dead-lettering").await;
 }
 
 /// Runs a handler future, turning a panic into a (retryable) failure.

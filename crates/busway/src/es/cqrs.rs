@@ -287,22 +287,15 @@ impl QueryBus {
         let this = self.clone();
         let kinds: Arc<Vec<String>> =
             Arc::new(query_types.iter().map(|s| (*s).to_owned()).collect());
-        self.bus
-            .spawn_consumer(queue.clone(), stream, 1, move |delivery| {
-                let this = this.clone();
-                let kinds = kinds.clone();
-                let queue = queue.clone();
-                async move {
-                    let kinds: Vec<&str> = kinds.iter().map(String::as_str).collect();
-                    this.invalidate(&kinds);
-                    crate::bus::settle_logged(
-                        delivery.ack().await,
-                        &queue,
-                        "acking an invalidation",
-                    )
-                    .await;
-                }
-            });
+        self.bus.spawn_consumer(queue, stream, 1, move |delivery| {
+            let this = this.clone();
+            let kinds = kinds.clone();
+            async move {
+                let kinds: Vec<&str> = kinds.iter().map(String::as_str).collect();
+                this.invalidate(&kinds);
+                crate::handler::ack(delivery, "acking an invalidation").await;
+            }
+        });
         Ok(())
     }
 

@@ -367,6 +367,8 @@ impl ProjectionRunner {
         let (stop_tx, mut stop) = watch::channel(false);
         let runner = self.clone();
         let name = projection.name().to_owned();
+        let lag = ::metrics::gauge!("busway_projection_lag", "projection" => name.clone());
+        let reached = ::metrics::gauge!("busway_projection_position", "projection" => name.clone());
         let task = tokio::spawn(async move {
             let store = runner.store.clone();
             let mut position = store.load_checkpoint(projection.name()).await?.unwrap_or(0);
@@ -382,6 +384,8 @@ impl ProjectionRunner {
                             s.position = position;
                             s.head = head;
                         });
+                        reached.set(position as f64);
+                        lag.set(head.saturating_sub(position) as f64);
                     }
                     None => {
                         status_tx.send_modify(|s| {
@@ -389,6 +393,8 @@ impl ProjectionRunner {
                             s.head = s.head.max(position);
                             s.live = true;
                         });
+                        reached.set(position as f64);
+                        lag.set(0.0);
                         tokio::select! {
                             _ = stop.wait_for(|stop| *stop) => return Ok(position),
                             () = store.appended_after(position) => {}

@@ -22,7 +22,9 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
 use crate::bus::{lock, Bus, Counters, SendError, SetupError};
-use crate::handler::{reject, run_caught, settle_failure, HandlerError, RetryPolicy};
+use crate::handler::{
+    reject, run_caught, settle_failure, DeadLetterReason, HandlerError, RetryPolicy,
+};
 use crate::middleware::{Envelope, EventRequest, HandlerLayers, HandlerService, MessageContext};
 
 /// An event in the reference shape:
@@ -228,6 +230,7 @@ impl Bus {
             .transport
             .publish(Publish::to_topic(topic, message))
             .await?;
+        self.inner.metrics.published(&event.event_type);
         Ok(())
     }
 
@@ -367,13 +370,14 @@ async fn handle(
 ) {
     if delivery.attempt() > retry.max_attempts {
         let reason = format!("max attempts ({}) exceeded", retry.max_attempts);
-        return reject(delivery, reason, &counters).await;
+        return reject(delivery, DeadLetterReason::MaxAttempts, reason, &counters).await;
     }
     let event: Event<Value> = match delivery.message().decode() {
         Ok(event) => event,
         Err(e) => {
             Counters::bump(&counters.malformed);
-            return reject(delivery, format!("malformed event: {e}"), &counters).await;
+            let reason = format!("malformed event: {e}");
+            return reject(delivery, DeadLetterReason::Malformed, reason, &counters).await;
         }
     };
     let topic = match delivery.topic() {
@@ -382,7 +386,8 @@ async fn handle(
             Ok(topic) => topic,
             Err(e) => {
                 Counters::bump(&counters.malformed);
-                return reject(delivery, format!("malformed event: {e}"), &counters).await;
+                let reason = format!("malformed event: {e}");
+                return reject(delivery, DeadLetterReason::Malformed, reason, &counters).await;
             }
         },
     };
@@ -395,10 +400,12 @@ async fn handle(
             event.event_type.clone(),
             event.clone(),
         );
-        if let Err(error) = run_caught(handler(request), &counters).await {
+        let timer = crate::metrics::HandlerTimer::start(&event.event_type);
+        let outcome = run_caught(handler(request), &counters).await;
+        timer.finish(outcome.is_ok());
+        if let Err(error) = outcome {
             return settle_failure(delivery, &retry, &what, error, &counters).await;
         }
     }
-    let queue = delivery.queue().clone();
-    crate::bus::settle_logged(delivery.ack().await, &queue, "acking an event").await;
+    crate::handler::ack(delivery, "acking an event").await;
 }

@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 
 use super::wire::{service_queue, ResponseBody};
 use super::RpcError;
-use crate::bus::{lock, settle_logged, Bus, Counters};
+use crate::bus::{lock, Bus, Counters};
 
 /// How long a call waits for its reply unless told otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -65,6 +65,7 @@ impl RpcClient {
         });
         let pending = client.pending.clone();
         let counters = bus.inner.counters.clone();
+        let metrics = bus.clone();
         bus.spawn_consumer(reply_queue, stream, 256, move |delivery| {
             let waiter = delivery
                 .message()
@@ -72,7 +73,9 @@ impl RpcClient {
                 .as_deref()
                 .and_then(|id| lock(&pending).remove(id));
             let counters = counters.clone();
+            let metrics = metrics.clone();
             async move {
+                let metrics = &metrics.inner.metrics;
                 let queue = delivery.queue().clone();
                 // The caller first, then the ack: a reply is read-only, and
                 // a lost ack only means it comes back once more, unwanted.
@@ -80,9 +83,10 @@ impl RpcClient {
                     Some(waiter) => waiter.send(delivery.message().clone()).is_ok(),
                     None => false,
                 };
-                settle_logged(delivery.ack().await, &queue, "acking a reply").await;
+                crate::handler::ack(delivery, "acking a reply").await;
                 if !delivered {
                     Counters::bump(&counters.late_replies);
+                    metrics.late_reply();
                     tracing::debug!(queue = %queue, "dropped a late or unknown reply");
                 }
             }
@@ -122,6 +126,7 @@ impl Bus {
     /// shuts down or the transport closes.
     fn spawn_reply_listener(&self, mut replies: BoxStream<'static, Message>, pending: Pending) {
         let counters = self.inner.counters.clone();
+        let bus = self.clone();
         self.spawn_worker(async move {
             while let Some(reply) = replies.next().await {
                 let waiter = reply
@@ -134,6 +139,7 @@ impl Bus {
                 };
                 if !delivered {
                     Counters::bump(&counters.late_replies);
+                    bus.inner.metrics.late_reply();
                     tracing::debug!("dropped a late or unknown reply");
                 }
             }
@@ -251,7 +257,20 @@ impl Bus {
     }
 }
 
+/// Makes the call, counting it and timing it by outcome.
 async fn call<T: DeserializeOwned>(request: Request<T>) -> Result<T, RpcError> {
+    let metrics = request
+        .bus
+        .inner
+        .metrics
+        .rpc(&request.service, &request.method);
+    let started = std::time::Instant::now();
+    let result = call_uncounted(request).await;
+    metrics.record(crate::metrics::RpcOutcome::of(&result), started.elapsed());
+    result
+}
+
+async fn call_uncounted<T: DeserializeOwned>(request: Request<T>) -> Result<T, RpcError> {
     let Request {
         bus,
         service,

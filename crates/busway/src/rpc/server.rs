@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::wire::{service_queue, RequestBody, ResponseBody};
-use crate::bus::{lock, settle_logged, Bus, Counters, SetupError};
+use crate::bus::{lock, Bus, Counters, SetupError};
 use crate::handler::{panic_message, HandlerError};
 use crate::middleware::{Envelope, HandlerLayers, HandlerService, MethodRequest};
 
@@ -281,34 +281,38 @@ async fn serve(bus: Bus, table: Arc<MethodTable>, delivery: Delivery) {
             None => ResponseBody::Error {
                 message: format!("unknown method: {}", request.method),
             },
-            Some(method) => match AssertUnwindSafe(method(Envelope::new(
-                message.clone(),
-                delivery.attempt(),
-                request.method,
-                request.params,
-            )))
-            .catch_unwind()
-            .await
-            {
-                Ok(Ok(data)) => ResponseBody::Success { data },
-                Ok(Err(error)) => ResponseBody::Error {
-                    message: error.to_string(),
-                },
-                Err(panic) => {
-                    Counters::bump(&counters.panics);
-                    ResponseBody::Error {
-                        message: panic_message(panic.as_ref()),
+            Some(method) => {
+                let timer = crate::metrics::HandlerTimer::start(&request.method);
+                let response = match AssertUnwindSafe(method(Envelope::new(
+                    message.clone(),
+                    delivery.attempt(),
+                    request.method,
+                    request.params,
+                )))
+                .catch_unwind()
+                .await
+                {
+                    Ok(Ok(data)) => ResponseBody::Success { data },
+                    Ok(Err(error)) => ResponseBody::Error {
+                        message: error.to_string(),
+                    },
+                    Err(panic) => {
+                        Counters::bump(&counters.panics);
+                        ResponseBody::Error {
+                            message: panic_message(panic.as_ref()),
+                        }
                     }
-                }
-            },
+                };
+                timer.finish(matches!(response, ResponseBody::Success { .. }));
+                response
+            }
         },
     };
     if matches!(response, ResponseBody::Error { .. }) {
         Counters::bump(&counters.rpc_errors);
     }
     reply(&bus, message, &response).await;
-    let queue = delivery.queue().clone();
-    settle_logged(delivery.ack().await, &queue, "acking a request").await;
+    crate::handler::ack(delivery, "acking a request").await;
 }
 
 async fn reply(bus: &Bus, request: &Message, response: &ResponseBody) {

@@ -1,21 +1,10 @@
 //! Saga metrics, through the `metrics` facade (install any recorder, such as
 //! a Prometheus exporter, to collect them) and as a [`SagaStats`] snapshot.
 //!
-//! | name | kind | labels |
-//! |---|---|---|
-//! | `busway_saga_started_total` | counter | `saga` |
-//! | `busway_saga_completed_total` | counter | `saga` |
-//! | `busway_saga_compensated_total` | counter | `saga` |
-//! | `busway_saga_failed_total` | counter | `saga` |
-//! | `busway_saga_completion_ratio` | gauge | completed ÷ finished, this process |
-//! | `busway_saga_duration_seconds` | histogram | `saga`, `outcome` |
-//! | `busway_saga_step_attempts_total` | counter | `saga`, `step`, `phase` |
-//! | `busway_saga_step_failures_total` | counter | `saga`, `step`, `phase` |
-//! | `busway_saga_compensations_total` | counter | `saga`, `step` |
-//! | `busway_saga_conflicts_total` | counter | saves refused because another orchestrator advanced the saga |
-//! | `busway_saga_stuck` | gauge | active sagas without progress for longer than the stuck threshold |
-//!
-//! The step failure rate is `step_failures_total ÷ step_attempts_total`.
+//! The `busway_saga_*` metrics (sagas started, completed, compensated and
+//! failed, durations, step attempts and failures, compensations, conflicts,
+//! stuck sagas) are listed with every other busway metric in one table, in
+//! [`busway::metrics`](crate::metrics).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, Mutex};
 use super::wire::{hex, sha256_hex, Chunk};
 use super::StreamError;
 use crate::bus::{settle_logged, Bus, Counters, SetupError};
+use crate::handler::{reject, DeadLetterReason::Invalid};
 
 /// The default number of bytes of one stream kept in memory before it spills to disk: 8 MiB.
 pub const DEFAULT_MEMORY_LIMIT: usize = 8 * 1024 * 1024;
@@ -262,7 +263,7 @@ async fn receive(
             Counters::bump(&counters.malformed);
             let _ = results.send(Err(StreamError::InvalidChunk(reason.clone())));
             let reason = format!("invalid stream chunk: {reason}");
-            return crate::handler::reject(delivery, reason, &counters).await;
+            return reject(delivery, Invalid, reason, &counters).await;
         }
     };
     if sha256_hex(&delivery.message().payload) != chunk.sha256 {
@@ -273,7 +274,7 @@ async fn receive(
         };
         let reason = error.to_string();
         let _ = results.send(Err(error));
-        return crate::handler::reject(delivery, reason, &counters).await;
+        return reject(delivery, Invalid, reason, &counters).await;
     }
     let mut receiving = state.lock().await;
     match store(&mut receiving, &chunk, &delivery).await {
@@ -293,11 +294,11 @@ async fn receive(
             drop(receiving);
             let _ = results.send(Err(StreamError::InvalidChunk(reason.clone())));
             let reason = format!("invalid stream chunk: {reason}");
-            return crate::handler::reject(delivery, reason, &counters).await;
+            return reject(delivery, Invalid, reason, &counters).await;
         }
     }
     drop(receiving);
-    settle_logged(delivery.ack().await, &queue, "acking a chunk").await;
+    crate::handler::ack(delivery, "acking a chunk").await;
 }
 
 enum Stored {

@@ -23,7 +23,9 @@ use tokio::sync::OnceCell;
 use uuid::Uuid;
 
 use crate::bus::{lock, Bus, Counters, SendError, SetupError};
-use crate::handler::{reject, run_caught, settle_failure, HandlerError, RetryPolicy};
+use crate::handler::{
+    reject, run_caught, settle_failure, DeadLetterReason, HandlerError, RetryPolicy,
+};
 use crate::middleware::{Envelope, HandlerLayers, HandlerService, MessageContext, TaskRequest};
 
 /// The reference task queue's name.
@@ -379,20 +381,22 @@ async fn run_task(
     let counters = queue.bus.inner.counters.clone();
     if delivery.attempt() > retry.max_attempts {
         let reason = format!("max attempts ({}) exceeded", retry.max_attempts);
-        return reject(delivery, reason, &counters).await;
+        return reject(delivery, DeadLetterReason::MaxAttempts, reason, &counters).await;
     }
     let body: TaskBody = match delivery.message().decode() {
         Ok(body) => body,
         Err(e) => {
             Counters::bump(&counters.malformed);
-            return reject(delivery, format!("malformed task: {e}"), &counters).await;
+            let reason = format!("malformed task: {e}");
+            return reject(delivery, DeadLetterReason::Malformed, reason, &counters).await;
         }
     };
     let Some(handler) = queue.handler(&body.kind) else {
         let reason = format!("unknown task type: {}", body.kind);
-        return reject(delivery, reason, &counters).await;
+        return reject(delivery, DeadLetterReason::UnknownType, reason, &counters).await;
     };
     let what = format!("task `{}`", body.kind);
+    let timer = crate::metrics::HandlerTimer::start(&body.kind);
     let outcome = match service {
         None => run_caught(handler(body.params), &counters).await,
         Some(service) => {
@@ -406,11 +410,9 @@ async fn run_task(
             run_caught(service.oneshot(task), &counters).await
         }
     };
+    timer.finish(outcome.is_ok());
     match outcome {
-        Ok(()) => {
-            let name = delivery.queue().clone();
-            crate::bus::settle_logged(delivery.ack().await, &name, "acking a task").await;
-        }
+        Ok(()) => crate::handler::ack(delivery, "acking a task").await,
         Err(error) => settle_failure(delivery, &retry, &what, error, &counters).await,
     }
 }
@@ -471,6 +473,7 @@ impl IntoFuture for SubmitTask {
                 publish = publish.with_delay(delay);
             }
             queue.bus.inner.transport.publish(publish).await?;
+            queue.bus.inner.metrics.published(queue.queue.as_str());
             Ok(id)
         })
     }
