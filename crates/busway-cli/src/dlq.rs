@@ -243,7 +243,7 @@ async fn replay_in_chunks(
     Ok(report)
 }
 
-fn to_json(letter: &DeadLetter, with_payload: bool) -> serde_json::Value {
+pub(crate) fn to_json(letter: &DeadLetter, with_payload: bool) -> serde_json::Value {
     let m = &letter.message;
     let mut value = serde_json::json!({
         "id": m.id.to_string(),

@@ -6,6 +6,7 @@ mod bench;
 mod demo;
 mod dlq;
 mod ops;
+mod serve;
 
 /// busway: messaging patterns for Rust microservices.
 #[derive(Parser)]
@@ -31,6 +32,8 @@ enum Command {
     Ops(ops::OpsCommand),
     /// Run the reference e-commerce system: a scripted scenario with a report, or `serve`.
     Demo(demo::DemoArgs),
+    /// A live web dashboard with a JSON API, Prometheus metrics and health checks.
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -47,5 +50,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq(args) => runtime.block_on(dlq::run(args)),
         Command::Ops(command) => runtime.block_on(ops::run(command, Cli::command)),
         Command::Demo(args) => runtime.block_on(demo::run(args)),
+        Command::Serve(args) => runtime.block_on(serve::run(args)),
     }
 }

@@ -159,6 +159,8 @@ pub mod guide {
     pub struct Operations;
     #[doc = include_str!("../../../docs/guide/backends.md")]
     pub struct Backends;
+    #[doc = include_str!("../../../docs/guide/dashboard.md")]
+    pub struct Dashboard;
 }
 
 #[cfg(test)]

@@ -36,10 +36,10 @@ or error reply (unknown queue, saga, stream or dead letter; an RPC error reply);
 mod events;
 pub(crate) mod exit;
 mod messaging;
-mod queues;
-mod sagas;
+pub(crate) mod queues;
+pub(crate) mod sagas;
 pub(crate) mod settings;
-mod stores;
+pub(crate) mod stores;
 
 use settings::Settings;
 

@@ -124,7 +124,7 @@ fn unreachable_management(error: anyhow::Error) -> anyhow::Error {
 
 /// The queues to show: those matching `filter`; without `all`, the
 /// dead-letter queues of listed queues are folded into their DEAD column.
-fn shown(names: Vec<QueueName>, filter: Option<&str>, all: bool) -> Vec<QueueName> {
+pub(crate) fn shown(names: Vec<QueueName>, filter: Option<&str>, all: bool) -> Vec<QueueName> {
     let set: BTreeSet<QueueName> = names.iter().cloned().collect();
     names
         .into_iter()

@@ -116,7 +116,7 @@ pub(crate) async fn run(args: SagasArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        SagasCommand::Retry { id } => retry(&*stores.sagas, &id).await.map(|()| {
+        SagasCommand::Retry { id } => retry(&*stores.sagas, &id, "from the command line").await.map(|()| {
             println!("saga {id} is compensating again; a running orchestrator resumes it");
         }),
         SagasCommand::Abort { id, reason } => orchestrator
@@ -137,7 +137,7 @@ pub(crate) async fn run(args: SagasArgs) -> anyhow::Result<()> {
 /// What `SagaOrchestrator::retry` stores, without driving the saga in this
 /// process (it has no definitions): the orchestrators that have the
 /// definition find it due now and drive it.
-async fn retry(store: &dyn SagaStore, id: &str) -> anyhow::Result<()> {
+pub(crate) async fn retry(store: &dyn SagaStore, id: &str, origin: &str) -> anyhow::Result<()> {
     let mut saga = store
         .load(id)
         .await
@@ -162,7 +162,7 @@ async fn retry(store: &dyn SagaStore, id: &str) -> anyhow::Result<()> {
     saga.due_at_ms = Some(now);
     saga.version += 1;
     saga.updated_at_ms = now;
-    let event = SagaEvent::new(now, SagaEventKind::Retried).detail("from the command line");
+    let event = SagaEvent::new(now, SagaEventKind::Retried).detail(origin);
     match store.update(&saga, expected, &[event]).await {
         Ok(()) => Ok(()),
         Err(UpdateSagaError::NotFound { id }) => Err(SagaQueryError::NotFound(id).into()),
@@ -170,7 +170,7 @@ async fn retry(store: &dyn SagaStore, id: &str) -> anyhow::Result<()> {
     }
 }
 
-fn summary(saga: &SagaRecord) -> serde_json::Value {
+pub(crate) fn summary(saga: &SagaRecord) -> serde_json::Value {
     let done = saga
         .steps
         .iter()

@@ -21,7 +21,7 @@ pub(crate) struct Stores {
     /// Where they are, for what the store traits do not offer.
     location: Location,
     /// Closes what the stores were opened on.
-    close: Box<dyn FnOnce() -> futures::future::BoxFuture<'static, ()> + Send>,
+    close: Box<dyn FnOnce() -> futures::future::BoxFuture<'static, ()> + Send + Sync>,
 }
 
 impl Stores {
