@@ -48,6 +48,9 @@ pub(crate) const OBSERVER_QUEUE: &str = "busway_dashboard";
 const HISTORY: Duration = Duration::from_secs(300);
 /// Recent failed sagas shown on the board.
 const RECENT_FAILURES: usize = 20;
+/// The store lists sagas oldest first: this many failed and compensated ones
+/// are read to find the most recent.
+const FAILURE_SCAN: usize = 10_000;
 
 /// `busway serve`.
 #[derive(Args, Debug)]
@@ -417,11 +420,11 @@ async fn saga_board(app: &Shared) -> Value {
     let failed = get(SagaStatus::Failed);
     let finished = completed + compensated + failed;
     let mut failures = sagas
-        .list(&SagaQuery::status(SagaStatus::Failed).limit(500))
+        .list(&SagaQuery::status(SagaStatus::Failed).limit(FAILURE_SCAN))
         .await
         .unwrap_or_default();
     let mut compensations = sagas
-        .list(&SagaQuery::status(SagaStatus::Compensated).limit(500))
+        .list(&SagaQuery::status(SagaStatus::Compensated).limit(FAILURE_SCAN))
         .await
         .unwrap_or_default();
     failures.append(&mut compensations);
