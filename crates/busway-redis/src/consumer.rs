@@ -21,7 +21,7 @@ use busway_core::envelope;
 
 /// One entry read from a stream.
 struct Entry {
-    stream: String,
+    stream: Arc<str>,
     id: String,
     blob: Option<Bytes>,
     attempts: u32,
@@ -240,7 +240,7 @@ impl Consumer {
                     self.inner
                         .in_flight
                         .lock()
-                        .map(|m| !m.contains_key(&(stream.clone(), id.clone())))
+                        .map(|m| !m.contains_key(&(Arc::from(stream.as_str()), id.clone())))
                         .unwrap_or(false)
                 })
                 .collect();
@@ -256,9 +256,10 @@ impl Consumer {
                 .query_async(&mut conn)
                 .await;
             if let Ok(Value::Array(entries)) = claimed {
+                let stream: Arc<str> = Arc::from(stream.as_str());
                 let entries: Vec<Entry> = entries
                     .iter()
-                    .filter_map(|e| parse_entry(stream, e))
+                    .filter_map(|e| parse_entry(&stream, e))
                     .collect();
                 self.give_back(entries.into_iter()).await;
             }
@@ -430,8 +431,9 @@ async fn reap(
 ) {
     let lease_ms = inner.config.lease.as_millis() as u64;
     for stream in &queue.streams {
+        let stream: Arc<str> = Arc::from(stream.as_str());
         let claimed: Result<Value, _> = redis::cmd("XAUTOCLAIM")
-            .arg(stream)
+            .arg(&*stream)
             .arg(GROUP)
             .arg(consumer)
             .arg(lease_ms)
@@ -444,7 +446,7 @@ async fn reap(
             Ok(Value::Array(parts)) => match parts.get(1) {
                 Some(Value::Array(entries)) => entries
                     .iter()
-                    .filter_map(|e| parse_entry(stream, e))
+                    .filter_map(|e| parse_entry(&stream, e))
                     .collect::<Vec<_>>(),
                 _ => continue,
             },
@@ -616,7 +618,7 @@ async fn dead_letter(
 struct RedisAcker {
     inner: Arc<Inner>,
     queue: Arc<QueueInfo>,
-    stream: String,
+    stream: Arc<str>,
     id: String,
     blob: Bytes,
     attempts: u32,
@@ -640,17 +642,11 @@ impl RedisAcker {
         let inner = &self.inner;
         let attempt = self.attempts + 1;
         let done = match settlement {
-            Settlement::Ack => {
-                let mut conn = inner.conn.clone();
-                let n: i64 = scripts::ACK
-                    .key(&self.stream)
-                    .arg(GROUP)
-                    .arg(&self.id)
-                    .invoke_async(&mut conn)
-                    .await
-                    .map_err(backend::<SettleError>)?;
-                n == 1
-            }
+            Settlement::Ack => inner
+                .acks
+                .ack(self.stream.clone(), self.id.clone())
+                .await
+                .map_err(backend::<SettleError>)?,
             Settlement::Nack { retry_after } => {
                 nack(
                     inner,
@@ -699,7 +695,23 @@ impl Acker for RedisAcker {
         self: Box<Self>,
         settlement: Settlement,
     ) -> BoxFuture<'static, Result<(), SettleError>> {
-        Box::pin(self.settle_now(settlement))
+        if settlement != Settlement::Ack || self.inner.is_closed() {
+            return Box::pin(self.settle_now(settlement));
+        }
+        // Queued for the next batch now, and settled as far as prefetch
+        // goes: the consumer may read the next entry while the ack is on
+        // its way (as the other backends free the slot once the ack is sent).
+        let this = *self;
+        this.forget();
+        let acked = this.inner.acks.ack(this.stream, this.id);
+        drop(this._permit);
+        Box::pin(async move {
+            match acked.await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(SettleError::LeaseLost),
+                Err(e) => Err(backend::<SettleError>(e)),
+            }
+        })
     }
 
     fn release(self: Box<Self>) {
@@ -736,7 +748,7 @@ fn as_bytes(v: &Value) -> Option<Bytes> {
 }
 
 /// Parses `[id, [field, value, ...]]`.
-fn parse_entry(stream: &str, v: &Value) -> Option<Entry> {
+fn parse_entry(stream: &Arc<str>, v: &Value) -> Option<Entry> {
     let Value::Array(parts) = v else { return None };
     let id = parts.first().and_then(as_string)?;
     let mut blob = None;
@@ -753,7 +765,7 @@ fn parse_entry(stream: &str, v: &Value) -> Option<Entry> {
         }
     }
     Some(Entry {
-        stream: stream.to_owned(),
+        stream: stream.clone(),
         id,
         blob,
         attempts,
@@ -776,6 +788,7 @@ fn parse_xread(v: &Value) -> Vec<Entry> {
     };
     for (key, entries) in streams {
         let Some(key) = as_string(key) else { continue };
+        let key: Arc<str> = Arc::from(key);
         if let Value::Array(entries) = entries {
             out.extend(entries.iter().filter_map(|e| parse_entry(&key, e)));
         }
@@ -791,7 +804,7 @@ fn parse_flat(v: &Value) -> Vec<Entry> {
     rows.iter()
         .filter_map(|r| match r {
             Value::Array(parts) if parts.len() == 3 => {
-                let stream = as_string(&parts[0])?;
+                let stream: Arc<str> = Arc::from(as_string(&parts[0])?);
                 parse_entry(&stream, &Value::Array(parts[1..].to_vec()))
             }
             _ => None,

@@ -15,10 +15,13 @@
 //!   `{prefix}:queues`, bindings in the set `{prefix}:bindings`.
 //! - **Topics**: a publish to a topic is appended to every queue whose
 //!   binding pattern matches (AMQP semantics, `*` one word, `#` any number).
-//! - **Settling** runs one Lua script per delivery, so each is atomic: an
-//!   ack is `XACK` + `XDEL`; a nack appends a copy with the next attempt
-//!   count and removes the original; a dead letter appends the message, with
-//!   the reason and origin in its headers, to the dead-letter queue's stream.
+//! - **Settling** runs a Lua script, so each settlement is atomic: an ack
+//!   is `XACK` + `XDEL`; a nack appends a copy with the next attempt count
+//!   and removes the original; a dead letter appends the message, with the
+//!   reason and origin in its headers, to the dead-letter queue's stream.
+//!   Acks settled at about the same time share one script call per stream
+//!   (each still atomic on its own, each answered once the server applied
+//!   it): a busy consumer pays a round trip per batch, not per message.
 //! - **Delays** (delayed publish, `nack(retry_after)`) wait in the sorted
 //!   set `{prefix}:{queue}:delayed`, scored by due time in server
 //!   milliseconds; a scheduler task beside every consumer moves what is due
@@ -73,6 +76,7 @@
 //! # }
 //! ```
 
+mod acks;
 mod config;
 mod consumer;
 mod scripts;

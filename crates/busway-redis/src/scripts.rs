@@ -18,6 +18,26 @@ return n
     )
 });
 
+/// Acknowledges and deletes a batch of entries of one stream, each as in
+/// [`ACK`]. Returns one 1 or 0 per entry, in order.
+///
+/// KEYS: stream. ARGV: group, ids.
+pub(crate) static ACK_MANY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local out = {}
+local acked = {}
+for i = 2, #ARGV do
+  local n = redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+  out[i - 1] = n
+  if n == 1 then acked[#acked + 1] = ARGV[i] end
+end
+if #acked > 0 then redis.call('XDEL', KEYS[1], unpack(acked)) end
+return out
+",
+    )
+});
+
 /// Takes a pending entry out of its stream and puts a copy elsewhere, in
 /// one step: back into a stream (`s`), into a delayed set (`z`, due after
 /// ARGV[6] ms of server time), or nowhere (`x`). Returns 1, or 0 if the

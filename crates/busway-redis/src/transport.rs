@@ -17,6 +17,7 @@ use redis::{AsyncCommands, RedisError};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::acks::AckBatcher;
 use crate::config::RedisConfig;
 use crate::consumer;
 use busway_core::envelope;
@@ -92,7 +93,9 @@ pub(crate) struct Inner {
     pub(crate) closed: AtomicBool,
     pub(crate) close_tx: watch::Sender<bool>,
     /// Unsettled deliveries by (stream, entry id).
-    pub(crate) in_flight: Mutex<HashMap<(String, String), InFlight>>,
+    pub(crate) in_flight: Mutex<HashMap<(Arc<str>, String), InFlight>>,
+    /// Sends acks to the server in batches.
+    pub(crate) acks: AckBatcher,
     pub(crate) tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Server clock minus local clock, in milliseconds.
     clock_offset_ms: i64,
@@ -334,7 +337,7 @@ impl RedisTransport {
         let (close_tx, _) = watch::channel(false);
         let inner = Arc::new(Inner {
             client,
-            conn,
+            conn: conn.clone(),
             config,
             location,
             persistence,
@@ -343,6 +346,7 @@ impl RedisTransport {
             closed: AtomicBool::new(false),
             close_tx,
             in_flight: Mutex::new(HashMap::new()),
+            acks: AckBatcher::spawn(conn.clone()),
             tasks: Mutex::new(Vec::new()),
             clock_offset_ms,
         });
@@ -420,7 +424,7 @@ async fn renew_leases(inner: Weak<Inner>) {
         if inner.is_closed() {
             return;
         }
-        let mut by_owner: HashMap<(String, String), Vec<String>> = HashMap::new();
+        let mut by_owner: HashMap<(Arc<str>, String), Vec<String>> = HashMap::new();
         if let Ok(map) = inner.in_flight.lock() {
             for ((stream, id), f) in map.iter() {
                 by_owner
@@ -433,7 +437,7 @@ async fn renew_leases(inner: Weak<Inner>) {
         for ((stream, consumer), ids) in by_owner {
             for chunk in ids.chunks(500) {
                 let renewed: Result<redis::Value, _> = redis::cmd("XCLAIM")
-                    .arg(&stream)
+                    .arg(&*stream)
                     .arg(GROUP)
                     .arg(&consumer)
                     .arg(0)
@@ -569,7 +573,10 @@ impl Transport for RedisTransport {
         }
         let now = SystemTime::now();
         let mut pipe = redis::pipe();
-        pipe.atomic();
+        // Several entries go in all or none; a single one needs no MULTI.
+        if targets.len() > 1 {
+            pipe.atomic();
+        }
         for (info, i) in &targets {
             let p = &batch[*i];
             let topic = match &p.destination {
