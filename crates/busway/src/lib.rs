@@ -52,6 +52,7 @@ pub mod saga;
 pub mod stream;
 pub mod tasks;
 mod time;
+pub mod trace;
 
 pub use bus::{Bus, BusBuilder, BusStats, SendError, SetupError};
 pub use busway_core::*;
@@ -159,6 +160,8 @@ pub mod guide {
     pub struct Operations;
     #[doc = include_str!("../../../docs/guide/backends.md")]
     pub struct Backends;
+    #[doc = include_str!("../../../docs/guide/tracing.md")]
+    pub struct Tracing;
     #[doc = include_str!("../../../docs/guide/dashboard.md")]
     pub struct Dashboard;
 }

@@ -20,6 +20,7 @@ use futures::FutureExt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
+use tracing::Instrument;
 
 use crate::bus::{lock, Bus, Counters, SendError, SetupError};
 use crate::handler::{
@@ -225,10 +226,13 @@ impl Bus {
             return Err(SendError::ShutDown);
         }
         let topic = Topic::new(&event.event_type)?;
-        let message = MessageContext::stamp(Message::json(event.event_type.clone(), event)?);
+        let mut message = MessageContext::stamp(Message::json(event.event_type.clone(), event)?);
+        let span = crate::trace::publish_span(topic.as_str(), &message);
+        crate::trace::inject(&span, &mut message.headers);
         self.inner
             .transport
             .publish(Publish::to_topic(topic, message))
+            .instrument(span)
             .await?;
         self.inner.metrics.published(&event.event_type);
         Ok(())
@@ -368,6 +372,27 @@ async fn handle(
     counters: Arc<Counters>,
     delivery: Delivery,
 ) {
+    let message = delivery.message();
+    let incoming = crate::trace::extract(message);
+    let span = crate::trace::consume_span(
+        delivery
+            .topic()
+            .map_or(delivery.queue().as_str(), Topic::as_str),
+        delivery.queue().as_str(),
+        message,
+        delivery.attempt(),
+        incoming.as_ref(),
+    );
+    let handled = handle_delivery(table, retry, counters, delivery);
+    crate::trace::process(span, incoming, handled).await
+}
+
+async fn handle_delivery(
+    table: Arc<GroupTable>,
+    retry: Arc<RetryPolicy>,
+    counters: Arc<Counters>,
+    delivery: Delivery,
+) {
     if delivery.attempt() > retry.max_attempts {
         let reason = format!("max attempts ({}) exceeded", retry.max_attempts);
         return reject(delivery, DeadLetterReason::MaxAttempts, reason, &counters).await;
@@ -400,10 +425,15 @@ async fn handle(
             event.event_type.clone(),
             event.clone(),
         );
+        let span = crate::trace::handle_span("event", &event.event_type);
         let timer = crate::metrics::HandlerTimer::start(&event.event_type);
-        let outcome = run_caught(handler(request), &counters).await;
+        let outcome = run_caught(handler(request), &counters)
+            .instrument(span.clone())
+            .await;
         timer.finish(outcome.is_ok());
         if let Err(error) = outcome {
+            crate::trace::record_error(&span);
+            crate::trace::record_error(&tracing::Span::current());
             return settle_failure(delivery, &retry, &what, error, &counters).await;
         }
     }

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::sync::oneshot;
+use tracing::Instrument;
 
 use super::wire::{service_queue, ResponseBody};
 use super::RpcError;
@@ -301,7 +302,9 @@ async fn call_uncounted<T: DeserializeOwned>(request: Request<T>) -> Result<T, R
         .with_correlation_id(correlation_id.clone())
         .with_reply_to(client.reply_to())
         .with_ttl(timeout);
-    let message = crate::middleware::MessageContext::stamp_header(message);
+    let mut message = crate::middleware::MessageContext::stamp_header(message);
+    let span = crate::trace::rpc_call_span(&service, &method, queue.as_str(), &message);
+    crate::trace::inject(&span, &mut message.headers);
     let (tx, rx) = oneshot::channel();
     lock(&client.pending).insert(correlation_id.clone(), tx);
     let _guard = PendingGuard {
@@ -327,14 +330,18 @@ async fn call_uncounted<T: DeserializeOwned>(request: Request<T>) -> Result<T, R
             }
         }
     };
-    let reply = match tokio::time::timeout(timeout, exchange).await {
-        Ok(reply) => reply?,
+    let reply = match tokio::time::timeout(timeout, exchange)
+        .instrument(span.clone())
+        .await
+    {
+        Ok(reply) => reply.inspect_err(|_| crate::trace::record_error(&span))?,
         Err(_) => {
+            crate::trace::record_error(&span);
             return Err(RpcError::Timeout {
                 service,
                 method,
                 timeout,
-            })
+            });
         }
     };
     let decode_error = |message: String| RpcError::Decode {

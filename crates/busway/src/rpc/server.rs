@@ -268,9 +268,27 @@ async fn register(reg: RegisterRequestHandler) -> Result<(), SetupError> {
 /// Answers one request, then acks it. Never fails: every problem becomes an
 /// error response (or, without a `reply_to`, a log line and a count).
 async fn serve(bus: Bus, table: Arc<MethodTable>, delivery: Delivery) {
+    let message = delivery.message();
+    let request = message.decode::<RequestBody>();
+    let incoming = crate::trace::extract(message);
+    let span = crate::trace::rpc_serve_span(
+        delivery.queue().as_str(),
+        request.as_ref().map(|r| r.method.as_str()).ok(),
+        message,
+        incoming.as_ref(),
+    );
+    crate::trace::process(span, incoming, answer(bus, table, delivery, request)).await
+}
+
+async fn answer(
+    bus: Bus,
+    table: Arc<MethodTable>,
+    delivery: Delivery,
+    request: Result<RequestBody, busway_core::CodecError>,
+) {
     let counters = &bus.inner.counters;
     let message = delivery.message();
-    let response = match message.decode::<RequestBody>() {
+    let response = match request {
         Err(e) => {
             Counters::bump(&counters.malformed);
             ResponseBody::Error {
@@ -309,6 +327,7 @@ async fn serve(bus: Bus, table: Arc<MethodTable>, delivery: Delivery) {
         },
     };
     if matches!(response, ResponseBody::Error { .. }) {
+        crate::trace::record_error(&tracing::Span::current());
         Counters::bump(&counters.rpc_errors);
     }
     reply(&bus, message, &response).await;
@@ -337,6 +356,7 @@ async fn reply(bus: &Bus, request: &Message, response: &ResponseBody) {
         }
     };
     message.correlation_id = request.correlation_id.clone();
+    crate::trace::inject(&tracing::Span::current(), &mut message.headers);
     // Kept a while past the caller's deadline so a late reply is still seen
     // (and counted) by a live caller, but never piles up for a gone one.
     message.expires_at = request.expires_at.map(|at| at + LATE_REPLY_GRACE);

@@ -2,6 +2,7 @@
 //! compensates, and resumes what a crashed orchestrator left.
 
 use std::collections::{HashMap, HashSet};
+use std::future::IntoFuture;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use super::clock::{millis, Clock};
 use super::definition::{DefinitionError, SagaDefinition};
@@ -693,11 +695,23 @@ impl Inner {
         };
         let _slot = self.slots.acquire().await;
         self.counters.attempt(&saga.definition, step.id(), phase);
+        let span = crate::trace::saga_step_span(
+            &saga.id,
+            &saga.definition,
+            step.id(),
+            phase.as_str(),
+            attempt,
+        );
         let reply = self
             .bus
             .request::<StepReply>(step.service(), method, &command)
             .timeout(step.timeout)
+            .into_future()
+            .instrument(span.clone())
             .await;
+        if !matches!(reply, Ok(StepReply::Completed { .. })) {
+            crate::trace::record_error(&span);
+        }
         match reply {
             Ok(StepReply::Completed { output }) => Ok(output),
             Ok(StepReply::Failed { error, retryable }) => Err(Failure {
@@ -757,7 +771,8 @@ fn spawn_drive(inner: &Arc<Inner>, saga: SagaRecord) -> bool {
     if !lock(&inner.active).insert(saga.id.clone()) {
         return false;
     }
-    tokio::spawn(drive(inner.clone(), saga));
+    let span = crate::trace::saga_span(&saga.id, &saga.definition);
+    tokio::spawn(drive(inner.clone(), saga).instrument(span));
     true
 }
 

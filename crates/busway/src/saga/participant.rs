@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::Mutex;
+use tracing::Instrument;
 
 use super::wire::{Phase, StepCommand, StepReply};
 use crate::bus::{Bus, SetupError};
@@ -257,14 +258,25 @@ impl SagaParticipant {
             .register_request_handler(&self.service, name, move |command: StepCommand| {
                 let run = run.clone();
                 let name = name_owned.clone();
+                let span = crate::trace::saga_step_span(
+                    &command.saga_id,
+                    &command.saga,
+                    &command.step_id,
+                    command.phase.as_str(),
+                    command.attempt,
+                );
                 async move {
                     let reply = if command.phase == phase {
                         run(name, command).await
                     } else {
                         wrong_phase(&name, phase, command.phase)
                     };
+                    if matches!(reply, StepReply::Failed { .. }) {
+                        crate::trace::record_error(&tracing::Span::current());
+                    }
                     Ok::<_, HandlerError>(reply)
                 }
+                .instrument(span)
             })
             .concurrency(self.concurrency)
             .await

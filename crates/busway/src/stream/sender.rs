@@ -187,7 +187,8 @@ async fn send<R: AsyncRead + Unpin>(mut s: SendStream<R>) -> Result<StreamReceip
                     .headers
                     .insert(wire::TOTAL_SHA256, hex(&whole.clone().finalize()));
             }
-            let message = MessageContext::stamp(message);
+            let mut message = MessageContext::stamp(message);
+            crate::trace::inject(&tracing::Span::current(), &mut message.headers);
             s.bus
                 .inner
                 .transport

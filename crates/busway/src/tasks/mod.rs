@@ -20,6 +20,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::OnceCell;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::bus::{lock, Bus, Counters, SendError, SetupError};
@@ -378,6 +379,25 @@ async fn run_task(
     service: Option<HandlerService<TaskRequest, ()>>,
     delivery: Delivery,
 ) {
+    let message = delivery.message();
+    let incoming = crate::trace::extract(message);
+    let span = crate::trace::consume_span(
+        delivery.queue().as_str(),
+        delivery.queue().as_str(),
+        message,
+        delivery.attempt(),
+        incoming.as_ref(),
+    );
+    let run = run_task_traced(queue, retry, service, delivery);
+    crate::trace::process(span, incoming, run).await
+}
+
+async fn run_task_traced(
+    queue: TaskQueue,
+    retry: Arc<RetryPolicy>,
+    service: Option<HandlerService<TaskRequest, ()>>,
+    delivery: Delivery,
+) {
     let counters = queue.bus.inner.counters.clone();
     if delivery.attempt() > retry.max_attempts {
         let reason = format!("max attempts ({}) exceeded", retry.max_attempts);
@@ -397,8 +417,13 @@ async fn run_task(
     };
     let what = format!("task `{}`", body.kind);
     let timer = crate::metrics::HandlerTimer::start(&body.kind);
+    let span = crate::trace::handle_span("task", &body.kind);
     let outcome = match service {
-        None => run_caught(handler(body.params), &counters).await,
+        None => {
+            run_caught(handler(body.params), &counters)
+                .instrument(span.clone())
+                .await
+        }
         Some(service) => {
             use tower::ServiceExt;
             let task = Envelope::new(
@@ -407,10 +432,16 @@ async fn run_task(
                 body.kind,
                 body.params,
             );
-            run_caught(service.oneshot(task), &counters).await
+            run_caught(service.oneshot(task), &counters)
+                .instrument(span.clone())
+                .await
         }
     };
     timer.finish(outcome.is_ok());
+    if outcome.is_err() {
+        crate::trace::record_error(&span);
+        crate::trace::record_error(&tracing::Span::current());
+    }
     match outcome {
         Ok(()) => crate::handler::ack(delivery, "acking a task").await,
         Err(error) => settle_failure(delivery, &retry, &what, error, &counters).await,
@@ -464,15 +495,23 @@ impl IntoFuture for SubmitTask {
                 timestamp: Some(crate::time::now_iso8601()),
                 priority: Some(i64::from(self.priority.get())),
             };
-            let message = MessageContext::stamp(
+            let mut message = MessageContext::stamp(
                 Message::json(self.task_type, &body)?.with_priority(self.priority),
             );
+            let span = crate::trace::publish_span(queue.queue.as_str(), &message);
+            crate::trace::inject(&span, &mut message.headers);
             let id = message.id;
             let mut publish = Publish::to_queue(queue.queue.clone(), message);
             if let Some(delay) = self.delay {
                 publish = publish.with_delay(delay);
             }
-            queue.bus.inner.transport.publish(publish).await?;
+            queue
+                .bus
+                .inner
+                .transport
+                .publish(publish)
+                .instrument(span)
+                .await?;
             queue.bus.inner.metrics.published(queue.queue.as_str());
             Ok(id)
         })
