@@ -18,6 +18,7 @@ use serde::Serialize;
 
 mod raw;
 mod rpc;
+mod traced;
 mod transport;
 mod work_queue;
 
@@ -70,6 +71,11 @@ pub(crate) struct BenchArgs {
     /// plain run like `--encrypt`. The bench payload is highly compressible.
     #[arg(long, value_enum)]
     compress: Option<BenchCompression>,
+    /// Run `--pattern rpc` or `work-queue` twice: with no tracing
+    /// subscriber, then with one recording every span (OpenTelemetry when
+    /// built with the `otel` feature), and print the ratio.
+    #[arg(long)]
+    tracing: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -213,6 +219,12 @@ impl Measured {
 pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if (args.encrypt.is_some() || args.compress.is_some()) && args.pattern != Pattern::Transport {
         bail!("--encrypt and --compress apply to --pattern transport");
+    }
+    if args.tracing {
+        if args.baseline.is_some() {
+            bail!("--tracing compares with the untraced run; leave out --baseline");
+        }
+        return traced::run(&args).await;
     }
     match args.pattern {
         Pattern::Transport => run_transport(&args).await,

@@ -81,6 +81,31 @@ pub(super) async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     emit(args.json, &report, print_table)
 }
 
+/// `--tracing`: the calls with no subscriber, then with the one `install`
+/// sets up, side by side.
+pub(super) async fn run_tracing(
+    args: &BenchArgs,
+    install: fn() -> anyhow::Result<&'static str>,
+) -> anyhow::Result<()> {
+    if args.in_flight == 0 || args.messages == 0 {
+        bail!("--in-flight and --messages must be at least 1");
+    }
+    let redacted = busway::redact_url(&args.url);
+    let off = run_busway(args)
+        .await
+        .with_context(|| format!("RPC benchmark of {redacted} failed"))?;
+    let off = report(args, "busway", &redacted, off);
+    let name = install()?;
+    let on = run_busway(args)
+        .await
+        .with_context(|| format!("traced RPC benchmark of {redacted} failed"))?;
+    let mut traced = report(args, &format!("busway+{name}"), &redacted, on);
+    traced.ratio = Some(traced.calls_per_s / off.calls_per_s);
+    traced.p50_ratio = Some(traced.rpc_p50_us as f64 / (off.rpc_p50_us as f64).max(1.0));
+    traced.baseline = Some(Box::new(off));
+    emit(args.json, &traced, print_table)
+}
+
 fn report(args: &BenchArgs, system: &str, url: &str, m: RpcMeasured) -> RpcReport {
     RpcReport {
         system: system.into(),

@@ -89,7 +89,7 @@ pub(super) async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_work_queue(args: &BenchArgs) -> anyhow::Result<Measured> {
+pub(super) async fn run_work_queue(args: &BenchArgs) -> anyhow::Result<Measured> {
     let bus = Bus::connect(&args.url).await?;
     let id = uuid::Uuid::new_v4().simple().to_string();
     let queue = bus.task_queue(&format!("bench_tasks_{}", &id[..12]))?;
