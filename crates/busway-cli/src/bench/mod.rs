@@ -16,6 +16,7 @@ use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+mod metered;
 mod raw;
 mod rpc;
 mod traced;
@@ -76,6 +77,11 @@ pub(crate) struct BenchArgs {
     /// built with the `otel` feature), and print the ratio.
     #[arg(long)]
     tracing: bool,
+    /// Run `--pattern rpc` or `work-queue` twice: with no metrics
+    /// recorder, then with the Prometheus recorder recording every metric
+    /// (scraped once a second), and print the ratio.
+    #[arg(long, conflicts_with = "tracing")]
+    metrics: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -225,6 +231,12 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             bail!("--tracing compares with the untraced run; leave out --baseline");
         }
         return traced::run(&args).await;
+    }
+    if args.metrics {
+        if args.baseline.is_some() {
+            bail!("--metrics compares with the run without metrics; leave out --baseline");
+        }
+        return metered::run(&args).await;
     }
     match args.pattern {
         Pattern::Transport => run_transport(&args).await,
