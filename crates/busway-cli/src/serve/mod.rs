@@ -428,7 +428,7 @@ async fn saga_board(app: &Shared) -> Value {
         .await
         .unwrap_or_default();
     failures.append(&mut compensations);
-    failures.sort_by(|a, b| b.updated_at_ms.cmp(&a.updated_at_ms));
+    failures.sort_by_key(|s| std::cmp::Reverse(s.updated_at_ms));
     failures.truncate(RECENT_FAILURES);
     let recent: Vec<Value> = failures
         .iter()
