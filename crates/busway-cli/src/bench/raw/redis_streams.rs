@@ -1,6 +1,8 @@
 //! The raw redis-rs baseline for `redis://`: `XADD` with `window` in flight
 //! per publisher; consumers in one consumer group reading `prefetch`
-//! entries per blocking `XREADGROUP` and acknowledging each with `XACK`.
+//! entries per blocking `XREADGROUP` and settling each with `XACK` and
+//! `XDEL` (one round trip): like busway's ack, which removes the entry, so
+//! both do the same work and the stream does not grow by every message.
 
 use std::time::Instant;
 
@@ -50,9 +52,15 @@ pub(super) async fn run(args: &BenchArgs) -> anyhow::Result<Measured> {
                             latencies.record(latency_us(start, payload))?;
                         }
                         let (mut conn, stream, id) = (acker.clone(), stream.clone(), entry.id);
-                        acks.push(
-                            async move { conn.xack::<_, _, _, ()>(&stream, GROUP, &[id]).await },
-                        );
+                        acks.push(async move {
+                            redis::pipe()
+                                .xack(&stream, GROUP, &[&id])
+                                .ignore()
+                                .xdel(&stream, &[&id])
+                                .ignore()
+                                .query_async::<()>(&mut conn)
+                                .await
+                        });
                         seen += 1;
                     }
                 }
