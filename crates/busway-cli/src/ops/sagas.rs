@@ -116,9 +116,11 @@ pub(crate) async fn run(args: SagasArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        SagasCommand::Retry { id } => retry(&*stores.sagas, &id, "from the command line").await.map(|()| {
-            println!("saga {id} is compensating again; a running orchestrator resumes it");
-        }),
+        SagasCommand::Retry { id } => retry(&*stores.sagas, &id, "from the command line")
+            .await
+            .map(|()| {
+                println!("saga {id} is compensating again; a running orchestrator resumes it");
+            }),
         SagasCommand::Abort { id, reason } => orchestrator
             .abort(&id, &reason)
             .await
