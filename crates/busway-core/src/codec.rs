@@ -62,15 +62,21 @@ impl CodecError {
 impl Codec {
     /// The codec for a content type; parameters such as `; charset=utf-8` are ignored.
     pub fn for_content_type(content_type: &str) -> Result<Self, CodecError> {
+        // Read for every message received: compared without allocating.
         let essence = content_type.split(';').next().unwrap_or("").trim();
-        match essence.to_ascii_lowercase().as_str() {
-            "application/json" | "text/json" | "" => Ok(Self::Json),
-            #[cfg(feature = "msgpack")]
-            "application/msgpack" | "application/x-msgpack" | "application/vnd.msgpack" => {
-                Ok(Self::MessagePack)
-            }
-            _ => Err(CodecError::UnsupportedContentType(content_type.to_owned())),
+        let is = |names: &[&str]| names.iter().any(|n| essence.eq_ignore_ascii_case(n));
+        if is(&["application/json", "text/json", ""]) {
+            return Ok(Self::Json);
         }
+        #[cfg(feature = "msgpack")]
+        if is(&[
+            "application/msgpack",
+            "application/x-msgpack",
+            "application/vnd.msgpack",
+        ]) {
+            return Ok(Self::MessagePack);
+        }
+        Err(CodecError::UnsupportedContentType(content_type.to_owned()))
     }
 
     /// The content type this codec writes.

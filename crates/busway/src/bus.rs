@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -11,8 +11,8 @@ use busway_core::{
     PublishError, QueueName, Transport,
 };
 use futures::StreamExt;
-use tokio::sync::{watch, OnceCell, Semaphore};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::sync::{watch, OnceCell};
+use tokio::task::JoinHandle;
 
 use crate::pubsub::GroupTable;
 use crate::rpc::{MethodTable, RpcClient};
@@ -302,57 +302,149 @@ impl Bus {
 
     /// Runs `handle` for each delivery of `stream`, at most `concurrency` at
     /// once, until the stream ends or the bus shuts down.
+    ///
+    /// Deliveries are handled by a pool of worker tasks that take turns on
+    /// the stream: the worker holding it takes the next delivery, hands the
+    /// stream to an idle worker and runs the handler itself. A delivery thus
+    /// reaches its handler in the task the transport woke, with no task
+    /// spawned per message, while handlers still run in parallel. Workers
+    /// are started as the load needs them, up to `concurrency`.
     pub(crate) fn spawn_consumer<F, Fut>(
         &self,
         queue: QueueName,
-        mut stream: DeliveryStream,
+        stream: DeliveryStream,
         concurrency: usize,
         handle: F,
     ) where
         F: Fn(Delivery) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let mut shutdown = self.inner.shutdown.subscribe();
-        let slots = Arc::new(Semaphore::new(concurrency.max(1)));
-        let handle = Arc::new(handle);
+        let (alive, mut all_done) = tokio::sync::mpsc::channel::<()>(1);
         let metrics = self.inner.metrics.consumer(&queue);
+        let pool = Arc::new(ConsumerPool {
+            queue,
+            stream: tokio::sync::Mutex::new(Some(stream)),
+            handle,
+            idle: AtomicUsize::new(1),
+            started: AtomicUsize::new(1),
+            max_workers: concurrency.max(1),
+            shutdown: self.inner.shutdown.subscribe(),
+            metrics,
+            _alive: alive,
+        });
+        start_worker(pool);
+        // Ends once every worker has (each holds the pool, which holds a sender).
         let worker = tokio::spawn(async move {
-            let mut running = JoinSet::new();
-            loop {
-                let permit = tokio::select! {
-                    _ = shutdown.wait_for(|stop| *stop) => break,
-                    permit = slots.clone().acquire_owned() => permit,
-                };
-                let Ok(permit) = permit else { break };
-                let next = tokio::select! {
-                    _ = shutdown.wait_for(|stop| *stop) => break,
-                    next = stream.next() => next,
-                };
-                match next {
-                    Some(Ok(delivery)) => {
-                        metrics.received(delivery.message(), delivery.attempt());
-                        let handled = metrics.clone().scope(handle(delivery));
-                        running.spawn(async move {
-                            handled.await;
-                            drop(permit);
-                        });
-                    }
-                    Some(Err(e)) if e.is_retryable() => {
-                        tracing::warn!(queue = %queue, error = %e, "consumer error; continuing");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    Some(Err(e)) => {
-                        tracing::error!(queue = %queue, error = %e, "consumer stopped");
-                        break;
-                    }
-                    None => break,
-                }
-                while running.try_join_next().is_some() {}
-            }
-            drop(stream);
-            while running.join_next().await.is_some() {}
+            let _ = all_done.recv().await;
         });
         lock(&self.inner.workers).push(worker);
+    }
+}
+
+/// The workers of one consumer and the stream they take turns on.
+struct ConsumerPool<F> {
+    queue: QueueName,
+    /// `None` once the stream ended, failed for good or the bus shut down.
+    stream: tokio::sync::Mutex<Option<DeliveryStream>>,
+    handle: F,
+    /// Workers not running a handler.
+    idle: AtomicUsize,
+    /// Workers started so far.
+    started: AtomicUsize,
+    max_workers: usize,
+    shutdown: watch::Receiver<bool>,
+    metrics: Arc<crate::metrics::ConsumerMetrics>,
+    /// Closed when the last worker ends.
+    _alive: tokio::sync::mpsc::Sender<()>,
+}
+
+impl<F> ConsumerPool<F> {
+    /// Called by the worker that took a delivery, before it hands the
+    /// stream on: if no worker is left to wait for the next delivery and
+    /// there is room for one more, a new worker is needed.
+    fn needs_worker(&self) -> bool {
+        if self.idle.fetch_sub(1, Ordering::AcqRel) > 1 {
+            return false;
+        }
+        let grew = self
+            .started
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_workers).then_some(n + 1)
+            })
+            .is_ok();
+        if grew {
+            self.idle.fetch_add(1, Ordering::AcqRel);
+        }
+        grew
+    }
+}
+
+fn start_worker<F, Fut>(pool: Arc<ConsumerPool<F>>)
+where
+    F: Fn(Delivery) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(consume(pool));
+}
+
+/// One worker: waits for its turn on the stream, takes a delivery, hands
+/// the stream on and handles the delivery; until the stream ends or the bus
+/// shuts down. A handler that panics is logged and the worker carries on.
+async fn consume<F, Fut>(pool: Arc<ConsumerPool<F>>)
+where
+    F: Fn(Delivery) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    use futures::FutureExt;
+
+    let mut shutdown = pool.shutdown.clone();
+    loop {
+        let delivery = {
+            let mut stream = tokio::select! {
+                _ = shutdown.wait_for(|stop| *stop) => break,
+                stream = pool.stream.lock() => stream,
+            };
+            let Some(deliveries) = stream.as_mut() else {
+                break;
+            };
+            let next = tokio::select! {
+                _ = shutdown.wait_for(|stop| *stop) => None,
+                next = deliveries.next() => next,
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    if pool.needs_worker() {
+                        start_worker(pool.clone());
+                    }
+                    delivery
+                }
+                Some(Err(e)) if e.is_retryable() => {
+                    tracing::warn!(queue = %pool.queue, error = %e, "consumer error; continuing");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Some(Err(e)) => {
+                    tracing::error!(queue = %pool.queue, error = %e, "consumer stopped");
+                    // Unstarted deliveries go back to their queue now.
+                    *stream = None;
+                    break;
+                }
+                None => {
+                    *stream = None;
+                    break;
+                }
+            }
+        };
+        pool.metrics
+            .received(delivery.message(), delivery.attempt());
+        let handled =
+            std::panic::AssertUnwindSafe(pool.metrics.clone().scope((pool.handle)(delivery)))
+                .catch_unwind()
+                .await;
+        if handled.is_err() {
+            tracing::error!(queue = %pool.queue, "a delivery handler panicked");
+        }
+        pool.idle.fetch_add(1, Ordering::AcqRel);
     }
 }
 

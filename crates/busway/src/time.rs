@@ -9,13 +9,42 @@ pub(crate) fn iso8601_utc(t: SystemTime) -> String {
     let secs = d.as_secs();
     let (y, m, day) = civil_from_days(i64::try_from(secs / 86_400).unwrap_or(0));
     let sod = secs % 86_400;
-    format!(
-        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:06}",
-        sod / 3600,
-        sod % 3600 / 60,
-        sod % 60,
-        d.subsec_micros()
-    )
+    if !(0..=9999).contains(&y) {
+        return format!(
+            "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:06}",
+            sod / 3600,
+            sod % 3600 / 60,
+            sod % 60,
+            d.subsec_micros()
+        );
+    }
+    // Every request and task carries one: written digit by digit, which
+    // costs a small fraction of what `format!` does.
+    let mut out = [0_u8; 26];
+    let fields: [(u64, usize); 7] = [
+        (y.unsigned_abs(), 4),
+        (u64::from(m), 2),
+        (u64::from(day), 2),
+        (sod / 3600, 2),
+        (sod % 3600 / 60, 2),
+        (sod % 60, 2),
+        (u64::from(d.subsec_micros()), 6),
+    ];
+    let separators = [b'-', b'-', b'T', b':', b':', b'.'];
+    let mut at = 0;
+    for (i, (value, width)) in fields.into_iter().enumerate() {
+        let mut value = value;
+        for slot in out[at..at + width].iter_mut().rev() {
+            *slot = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+        at += width;
+        if let Some(&separator) = separators.get(i) {
+            out[at] = separator;
+            at += 1;
+        }
+    }
+    out.iter().map(|&b| char::from(b)).collect()
 }
 
 /// The current time in the reference format.
@@ -53,5 +82,9 @@ mod tests {
         assert_eq!(iso8601_utc(UNIX_EPOCH), "1970-01-01T00:00:00.000000");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(&iso8601_utc(leap)[..10], "2000-02-29");
+        let last = UNIX_EPOCH + Duration::from_micros(253_402_300_799_999_999);
+        assert_eq!(iso8601_utc(last), "9999-12-31T23:59:59.999999");
+        let after = UNIX_EPOCH + Duration::from_secs(253_402_300_800);
+        assert_eq!(iso8601_utc(after), "10000-01-01T00:00:00.000000");
     }
 }

@@ -6,20 +6,132 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
-use busway_core::{ConsumeOptions, Delivery, Durability, Message, Publish, QueueName, QueueSpec};
+use busway_core::{
+    Codec, CodecError, ConsumeOptions, Delivery, Durability, Message, Publish, QueueName,
+    QueueSpec, CONTENT_TYPE_JSON,
+};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
-use super::wire::{service_queue, RequestBody, ResponseBody};
+use super::wire::{service_queue, RequestBody, RequestIn, ResponseBody};
 use crate::bus::{lock, Bus, Counters, SetupError};
 use crate::handler::{panic_message, HandlerError};
 use crate::middleware::{Envelope, HandlerLayers, HandlerService, MethodRequest};
 
-type Method =
+/// A handler called with the params as JSON (what layers see).
+type ValueMethod =
     Arc<dyn Fn(MethodRequest) -> BoxFuture<'static, Result<Value, HandlerError>> + Send + Sync>;
+
+/// A handler called with the params as JSON text, answering with its
+/// result as JSON text: the params are decoded straight into the handler's
+/// type and its result encoded straight from it, with no JSON tree between.
+type RawMethod =
+    Arc<dyn Fn(&str) -> BoxFuture<'static, Result<Box<RawValue>, HandlerError>> + Send + Sync>;
+
+/// One method of a service.
+#[derive(Clone)]
+struct Method {
+    value: ValueMethod,
+    /// Set when no layers need the params as a [`Value`].
+    raw: Option<RawMethod>,
+}
+
+/// A request as read: the method, and the params (left encoded in the
+/// payload when the body is JSON).
+struct Request {
+    method: String,
+    params: Params,
+}
+
+enum Params {
+    /// Where the params' JSON text is in the payload; `None` when the body
+    /// has no `params` (or `null`).
+    Raw(Option<std::ops::Range<usize>>),
+    Value(Value),
+}
+
+/// A method's result, as it goes into the response's `data`.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Data {
+    Raw(Box<RawValue>),
+    Value(Value),
+}
+
+/// Reads a request body: JSON without building a tree of its params,
+/// other codecs through [`RequestBody`].
+fn decode_request(message: &Message) -> Result<Request, CodecError> {
+    if matches!(
+        Codec::for_content_type(&message.content_type),
+        Ok(Codec::Json)
+    ) {
+        let payload: &[u8] = &message.payload;
+        let body: RequestIn<'_> =
+            serde_json::from_slice(payload).map_err(|e| CodecError::Decode {
+                content_type: CONTENT_TYPE_JSON,
+                message: e.to_string(),
+            })?;
+        let params = body.params.map(|raw| {
+            let start = (raw.get().as_ptr() as usize).saturating_sub(payload.as_ptr() as usize);
+            start..start + raw.get().len()
+        });
+        return Ok(Request {
+            method: body.method.into_owned(),
+            params: Params::Raw(params),
+        });
+    }
+    let body: RequestBody = message.decode()?;
+    Ok(Request {
+        method: body.method,
+        params: Params::Value(body.params),
+    })
+}
+
+impl Method {
+    /// Runs the handler on `request` (of `message`, delivered for the `attempt`th time).
+    async fn call(
+        &self,
+        message: &Message,
+        attempt: u32,
+        request: Request,
+    ) -> Result<Data, HandlerError> {
+        let params = match request.params {
+            Params::Raw(None) => "null",
+            Params::Raw(Some(range)) => message
+                .payload
+                .get(range)
+                .and_then(|text| std::str::from_utf8(text).ok())
+                .ok_or_else(|| HandlerError::permanent("invalid params: not JSON text"))?,
+            Params::Value(params) => {
+                return self
+                    .call_value(message, attempt, request.method, params)
+                    .await
+            }
+        };
+        if let Some(raw) = &self.raw {
+            return raw(params).await.map(Data::Raw);
+        }
+        let params = serde_json::from_str(params)
+            .map_err(|e| HandlerError::permanent(format!("invalid params: {e}")))?;
+        self.call_value(message, attempt, request.method, params)
+            .await
+    }
+
+    async fn call_value(
+        &self,
+        message: &Message,
+        attempt: u32,
+        method: String,
+        params: Value,
+    ) -> Result<Data, HandlerError> {
+        let envelope = Envelope::new(message.clone(), attempt, method, params);
+        (self.value)(envelope).await.map(Data::Value)
+    }
+}
 
 /// The methods of one service on this bus.
 #[derive(Default)]
@@ -173,21 +285,45 @@ impl Bus {
         Fut: Future<Output = Result<R, HandlerError>> + Send + 'static,
     {
         let handler = Arc::new(handler);
-        let name = method.to_owned();
-        let erased: Method = Arc::new(move |request: MethodRequest| {
+        let name: Arc<str> = Arc::from(method);
+        let value: ValueMethod = {
+            let (handler, name) = (handler.clone(), name.clone());
+            Arc::new(move |request: MethodRequest| {
+                let handler = handler.clone();
+                let name = name.clone();
+                async move {
+                    let params: P = serde_json::from_value(request.body).map_err(|e| {
+                        HandlerError::permanent(format!("invalid params for `{name}`: {e}"))
+                    })?;
+                    let result = handler(params).await?;
+                    serde_json::to_value(result).map_err(|e| {
+                        HandlerError::permanent(format!(
+                            "could not encode the result of `{name}`: {e}"
+                        ))
+                    })
+                }
+                .boxed()
+            })
+        };
+        let raw: RawMethod = Arc::new(move |params: &str| {
+            let params: Result<P, _> = serde_json::from_str(params);
             let handler = handler.clone();
             let name = name.clone();
             async move {
-                let params: P = serde_json::from_value(request.body).map_err(|e| {
+                let params = params.map_err(|e| {
                     HandlerError::permanent(format!("invalid params for `{name}`: {e}"))
                 })?;
                 let result = handler(params).await?;
-                serde_json::to_value(result).map_err(|e| {
+                serde_json::value::to_raw_value(&result).map_err(|e| {
                     HandlerError::permanent(format!("could not encode the result of `{name}`: {e}"))
                 })
             }
             .boxed()
         });
+        let erased = Method {
+            value,
+            raw: Some(raw),
+        };
         RegisterRequestHandler {
             bus: self.clone(),
             service: service.to_owned(),
@@ -219,16 +355,19 @@ async fn register(reg: RegisterRequestHandler) -> Result<(), SetupError> {
     let handler = if reg.layers.is_empty() {
         reg.handler
     } else {
-        let erased = reg.handler;
+        let erased = reg.handler.value;
         let base = HandlerService::new(tower::service_fn(move |request: MethodRequest| {
             erased(request)
         }));
         let service = reg.layers.wrap(base);
-        let layered: Method = Arc::new(move |request: MethodRequest| {
+        let layered: ValueMethod = Arc::new(move |request: MethodRequest| {
             use tower::ServiceExt;
             service.clone().oneshot(request).boxed()
         });
-        layered
+        Method {
+            value: layered,
+            raw: None,
+        }
     };
     table.insert(reg.method, handler);
     if !start {
@@ -269,7 +408,7 @@ async fn register(reg: RegisterRequestHandler) -> Result<(), SetupError> {
 /// error response (or, without a `reply_to`, a log line and a count).
 async fn serve(bus: Bus, table: Arc<MethodTable>, delivery: Delivery) {
     let message = delivery.message();
-    let request = message.decode::<RequestBody>();
+    let request = decode_request(message);
     let incoming = crate::trace::extract(message);
     let span = crate::trace::rpc_serve_span(
         delivery.queue().as_str(),
@@ -284,7 +423,7 @@ async fn answer(
     bus: Bus,
     table: Arc<MethodTable>,
     delivery: Delivery,
-    request: Result<RequestBody, busway_core::CodecError>,
+    request: Result<Request, CodecError>,
 ) {
     let counters = &bus.inner.counters;
     let message = delivery.message();
@@ -301,26 +440,22 @@ async fn answer(
             },
             Some(method) => {
                 let timer = crate::metrics::HandlerTimer::start(&request.method);
-                let response = match AssertUnwindSafe(method(Envelope::new(
-                    message.clone(),
-                    delivery.attempt(),
-                    request.method,
-                    request.params,
-                )))
-                .catch_unwind()
-                .await
-                {
-                    Ok(Ok(data)) => ResponseBody::Success { data },
-                    Ok(Err(error)) => ResponseBody::Error {
-                        message: error.to_string(),
-                    },
-                    Err(panic) => {
-                        Counters::bump(&counters.panics);
-                        ResponseBody::Error {
-                            message: panic_message(panic.as_ref()),
+                let response =
+                    match AssertUnwindSafe(method.call(message, delivery.attempt(), request))
+                        .catch_unwind()
+                        .await
+                    {
+                        Ok(Ok(data)) => ResponseBody::Success { data },
+                        Ok(Err(error)) => ResponseBody::Error {
+                            message: error.to_string(),
+                        },
+                        Err(panic) => {
+                            Counters::bump(&counters.panics);
+                            ResponseBody::Error {
+                                message: panic_message(panic.as_ref()),
+                            }
                         }
-                    }
-                };
+                    };
                 timer.finish(matches!(response, ResponseBody::Success { .. }));
                 response
             }
@@ -334,7 +469,7 @@ async fn answer(
     crate::handler::ack(delivery, "acking a request").await;
 }
 
-async fn reply(bus: &Bus, request: &Message, response: &ResponseBody) {
+async fn reply(bus: &Bus, request: &Message, response: &ResponseBody<Data>) {
     let Some(reply_to) = request.reply_to.as_deref() else {
         tracing::warn!(kind = %request.kind, "request without reply_to; nothing to answer");
         return;

@@ -1,6 +1,9 @@
 //! The reference RPC bodies.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// A request: `{"method": str, "params": object, "timestamp": ISO-8601}`.
@@ -13,13 +16,26 @@ pub(crate) struct RequestBody {
     pub(crate) timestamp: Option<String>,
 }
 
+/// A request as read from JSON: the params left encoded, the method and
+/// timestamp borrowed where the body allows.
+#[derive(Debug, Deserialize)]
+pub(crate) struct RequestIn<'a> {
+    #[serde(borrow)]
+    pub(crate) method: Cow<'a, str>,
+    #[serde(borrow, default)]
+    pub(crate) params: Option<&'a RawValue>,
+    /// Read (and checked to be a string) like [`RequestBody::timestamp`], not used.
+    #[serde(rename = "timestamp", borrow, default)]
+    _timestamp: Option<Cow<'a, str>>,
+}
+
 /// A reply: `{"status": "success", "data": any}` or `{"status": "error", "message": str}`.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "lowercase")]
-pub(crate) enum ResponseBody {
+pub(crate) enum ResponseBody<D = Value> {
     Success {
         #[serde(default)]
-        data: Value,
+        data: D,
     },
     Error {
         message: String,
@@ -30,7 +46,11 @@ pub(crate) enum ResponseBody {
 pub(crate) fn service_queue(
     service: &str,
 ) -> Result<busway_core::QueueName, busway_core::NameError> {
-    busway_core::QueueName::new(format!("rpc_{service}"))
+    // Built for every call: without the formatting machinery.
+    let mut name = String::with_capacity(4 + service.len());
+    name.push_str("rpc_");
+    name.push_str(service);
+    busway_core::QueueName::new(name)
 }
 
 #[cfg(test)]
@@ -39,9 +59,12 @@ mod tests {
 
     #[test]
     fn reference_shapes() -> Result<(), serde_json::Error> {
-        let ok = serde_json::to_value(ResponseBody::Success { data: 7.into() })?;
+        let ok = serde_json::to_value(ResponseBody::<Value>::Success { data: 7.into() })?;
         assert_eq!(ok, serde_json::json!({"status": "success", "data": 7}));
-        let err = serde_json::to_value(ResponseBody::Error {
+        let raw = serde_json::value::to_raw_value(&[1, 2])?;
+        let ok = serde_json::to_string(&ResponseBody::Success { data: raw })?;
+        assert_eq!(ok, r#"{"status":"success","data":[1,2]}"#);
+        let err = serde_json::to_value(ResponseBody::<Value>::Error {
             message: "no".into(),
         })?;
         assert_eq!(err, serde_json::json!({"status": "error", "message": "no"}));
@@ -49,6 +72,12 @@ mod tests {
             r#"{"method":"get_user","params":{"user_id":1},"timestamp":"2024-01-01T00:00:00"}"#,
         )?;
         assert_eq!(req.method, "get_user");
+        let req: RequestIn<'_> = serde_json::from_str(
+            r#"{"method":"get_user","params":{"user_id":1},"timestamp":"2024-01-01T00:00:00"}"#,
+        )?;
+        assert_eq!(req.method, "get_user");
+        assert_eq!(req.params.map(RawValue::get), Some(r#"{"user_id":1}"#));
+        assert!(serde_json::from_str::<RequestIn<'_>>(r#"{"method":"m","timestamp":7}"#).is_err());
         Ok(())
     }
 }
