@@ -16,6 +16,7 @@ use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+mod instrumented;
 mod metered;
 mod raw;
 mod rpc;
@@ -227,16 +228,20 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         bail!("--encrypt and --compress apply to --pattern transport");
     }
     if args.tracing {
-        if args.baseline.is_some() {
-            bail!("--tracing compares with the untraced run; leave out --baseline");
-        }
-        return traced::run(&args).await;
+        let with = instrumented::Instrumentation {
+            flag: "--tracing",
+            transport_has_none: "the bare transport opens no spans",
+            install: traced::install,
+        };
+        return instrumented::run(&args, with).await;
     }
     if args.metrics {
-        if args.baseline.is_some() {
-            bail!("--metrics compares with the run without metrics; leave out --baseline");
-        }
-        return metered::run(&args).await;
+        let with = instrumented::Instrumentation {
+            flag: "--metrics",
+            transport_has_none: "the bare transport records no metrics",
+            install: metered::install,
+        };
+        return instrumented::run(&args, with).await;
     }
     match args.pattern {
         Pattern::Transport => run_transport(&args).await,
