@@ -37,6 +37,7 @@ pub mod cases;
 pub mod environment;
 pub mod event_store;
 mod support;
+pub mod tls;
 
 pub use anyhow::Error;
 

@@ -24,8 +24,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// The stored form of a message.
-#[derive(Serialize, Deserialize)]
+/// The stored form of a message, as read back.
+#[derive(Deserialize)]
 struct Envelope {
     id: Uuid,
     kind: String,
@@ -41,28 +41,92 @@ struct Envelope {
     payload: Bytes,
 }
 
+/// The stored form of a message, as written: borrows every field of the
+/// message, so encoding copies each byte once, straight into the output.
+/// Field for field the same as [`Envelope`] (names, order and types).
+#[derive(Serialize)]
+struct EnvelopeRef<'a> {
+    id: &'a Uuid,
+    kind: &'a str,
+    correlation_id: Option<&'a str>,
+    causation_id: Option<&'a str>,
+    reply_to: Option<&'a str>,
+    headers: &'a Headers,
+    content_type: &'a str,
+    timestamp_us: i64,
+    priority: u8,
+    expires_at_ms: Option<i64>,
+    topic: Option<&'a str>,
+    payload: &'a Bytes,
+}
+
+/// Room for the envelope's fixed part: field names, id, numbers.
+const ENVELOPE_OVERHEAD: usize = 192;
+
 /// Encodes a message (and the topic it was published to).
 pub fn encode(message: &Message, topic: Option<&Topic>) -> Result<Bytes, CodecError> {
-    let envelope = Envelope {
-        id: message.id,
-        kind: message.kind.clone(),
-        correlation_id: message.correlation_id.clone(),
-        causation_id: message.causation_id.clone(),
-        reply_to: message.reply_to.clone(),
-        headers: message.headers.clone(),
-        content_type: message.content_type.clone(),
+    encode_with_expiry(message, topic, message.expires_at)
+}
+
+/// Encodes a message (and the topic it was published to) as if its expiry
+/// were `expires_at`: what a transport applying a queue's TTL stores,
+/// without copying the message to change one field.
+pub fn encode_with_expiry(
+    message: &Message,
+    topic: Option<&Topic>,
+    expires_at: Option<SystemTime>,
+) -> Result<Bytes, CodecError> {
+    let mut out = Vec::with_capacity(encoded_len_hint(message, topic));
+    encode_into(&mut out, message, topic, expires_at)?;
+    Ok(Bytes::from(out))
+}
+
+/// Writes the encoding of a message (see [`encode_with_expiry`]) to `out`,
+/// for a caller that owns the buffer the bytes end up in (a command being
+/// built, a frame), so they are written once, in place.
+pub fn encode_into<W: std::io::Write>(
+    out: W,
+    message: &Message,
+    topic: Option<&Topic>,
+    expires_at: Option<SystemTime>,
+) -> Result<(), CodecError> {
+    let envelope = EnvelopeRef {
+        id: &message.id,
+        kind: &message.kind,
+        correlation_id: message.correlation_id.as_deref(),
+        causation_id: message.causation_id.as_deref(),
+        reply_to: message.reply_to.as_deref(),
+        headers: &message.headers,
+        content_type: &message.content_type,
         timestamp_us: unix_micros(message.timestamp),
         priority: message.priority.get(),
-        expires_at_ms: message.expires_at.map(unix_millis),
-        topic: topic.map(|t| t.as_str().to_owned()),
-        payload: message.payload.clone(),
+        expires_at_ms: expires_at.map(unix_millis),
+        topic: topic.map(Topic::as_str),
+        payload: &message.payload,
     };
-    rmp_serde::to_vec_named(&envelope)
-        .map(Bytes::from)
-        .map_err(|e| CodecError::Encode {
-            content_type: CONTENT_TYPE_MSGPACK,
-            message: e.to_string(),
-        })
+    let mut out = out;
+    rmp_serde::encode::write_named(&mut out, &envelope).map_err(|e| CodecError::Encode {
+        content_type: CONTENT_TYPE_MSGPACK,
+        message: e.to_string(),
+    })
+}
+
+/// About how many bytes the encoding of `message` takes (a little more,
+/// usually), to size a buffer once.
+pub fn encoded_len_hint(message: &Message, topic: Option<&Topic>) -> usize {
+    ENVELOPE_OVERHEAD
+        + message.kind.len()
+        + message.content_type.len()
+        + message.correlation_id.as_ref().map_or(0, String::len)
+        + message.causation_id.as_ref().map_or(0, String::len)
+        + message.reply_to.as_ref().map_or(0, String::len)
+        + topic.map_or(0, |t| t.as_str().len())
+        + message
+            .headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 10)
+            .sum::<usize>()
+        + message.payload.len()
 }
 
 /// Decodes what [`encode`] wrote.
@@ -130,6 +194,17 @@ mod tests {
         assert_eq!(back.payload, m.payload);
         assert_eq!(back.priority, Priority::MAX);
         assert!(back.expires_at.is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn a_borrowed_encoding_reads_as_the_owned_envelope() -> Result<(), Box<dyn std::error::Error>> {
+        let m = Message::new("k", "body").with_header("h", "v");
+        let at = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        let (back, t) = decode(&encode_with_expiry(&m, None, Some(at))?)?;
+        assert_eq!(t, None);
+        assert_eq!(back.expires_at, Some(at));
+        assert_eq!((back.kind, back.payload), (m.kind, m.payload));
         Ok(())
     }
 

@@ -54,10 +54,10 @@ struct Entry {
 
 #[derive(Debug, Default)]
 struct Remembered {
-    entries: HashMap<String, Entry>,
+    entries: HashMap<Arc<str>, Entry>,
     /// Keys in the order they were last touched, with that time; stale
     /// pairs (touched again since) are skipped when evicting.
-    order: VecDeque<(String, Instant)>,
+    order: VecDeque<(Arc<str>, Instant)>,
 }
 
 /// Keys in memory: at most `capacity` of them, each forgotten `ttl` after it
@@ -131,8 +131,12 @@ impl MemoryDedupStore {
     }
 
     fn touch(&self, r: &mut Remembered, key: &str, done: bool, now: Instant) {
-        r.entries.insert(key.to_owned(), Entry { done, at: now });
-        r.order.push_back((key.to_owned(), now));
+        let shared = match r.entries.get_key_value(key) {
+            Some((shared, _)) => shared.clone(),
+            None => Arc::from(key),
+        };
+        r.entries.insert(shared.clone(), Entry { done, at: now });
+        r.order.push_back((shared, now));
         self.evict(r, now);
     }
 }

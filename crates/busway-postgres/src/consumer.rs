@@ -14,7 +14,7 @@
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -198,19 +198,20 @@ impl Leased {
 
     fn into_delivery(mut self, shared: &Arc<Shared>, info: &Arc<QueueInfo>) -> Option<Delivery> {
         let row = self.row.take()?;
-        let message = row.to_message();
         let topic = row.topic();
         let attempt = row.attempt();
+        let meta = RowMeta {
+            headers: row.headers.clone(),
+            topic: row.topic.clone(),
+            priority: row.priority,
+            attempt: row.attempt,
+        };
+        let message = row.into_message();
         let acker = PgAcker {
             shared: shared.clone(),
             info: info.clone(),
             lease: self.lease,
-            meta: RowMeta {
-                headers: row.headers,
-                topic: row.topic,
-                priority: row.priority,
-                attempt: row.attempt,
-            },
+            meta,
             permit: self.permit.take(),
         };
         Some(Delivery::new(
@@ -372,12 +373,19 @@ struct LeaseBatch {
     token: i64,
     /// The database's clock when the rows were leased.
     now: i64,
+    /// When fewer rows were leased than asked for: when the next row of the
+    /// queue becomes visible (a delay, a retry backoff, a lease running
+    /// out), if any is waiting.
+    next: Option<i64>,
 }
 
-/// Leases up to `max` ready rows of `queue`, in delivery order.
-async fn lease(shared: &Shared, queue: &QueueName, max: usize) -> Result<LeaseBatch, sqlx::Error> {
-    let token = shared.next_token();
-    let sql = format!(
+/// Leases up to `$2` ready rows of queue `$1` for `$3` ms with token `$4`.
+/// Always answers at least one row: with nothing leased, a row of NULLs
+/// but `now` and `next`. `next` (looked up only when fewer rows than asked
+/// for were leased) is the earliest `visible_at` still ahead, so a short
+/// lease needs no second statement to know how long to sleep.
+static LEASE_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
         "WITH picked AS (
              SELECT seq, visible_at AS was_visible_at, lane AS was_lane
              FROM busway_messages
@@ -385,13 +393,27 @@ async fn lease(shared: &Shared, queue: &QueueName, max: usize) -> Result<LeaseBa
              ORDER BY lane DESC, visible_at, seq
              LIMIT $2
              FOR UPDATE SKIP LOCKED
+         ), leased AS (
+             UPDATE busway_messages m
+             SET visible_at = busway_now_ms() + $3, attempt = m.attempt + 1, lease_token = $4
+             FROM picked WHERE m.seq = picked.seq
+             RETURNING {ROW_COLUMNS}, picked.was_visible_at, picked.was_lane
+         ), counted AS (
+             SELECT count(*) AS n FROM leased
          )
-         UPDATE busway_messages m
-         SET visible_at = busway_now_ms() + $3, attempt = m.attempt + 1, lease_token = $4
-         FROM picked WHERE m.seq = picked.seq
-         RETURNING {ROW_COLUMNS}, picked.was_visible_at, picked.was_lane, busway_now_ms() AS now"
-    );
-    let rows = sqlx::query(&sql)
+         SELECT leased.*, busway_now_ms() AS now,
+             CASE WHEN counted.n < $2 THEN (
+                 SELECT min(visible_at) FROM busway_messages
+                 WHERE queue = $1 AND visible_at > busway_now_ms()
+             ) END AS next
+         FROM counted LEFT JOIN leased ON true"
+    )
+});
+
+/// Leases up to `max` ready rows of `queue`, in delivery order.
+async fn lease(shared: &Shared, queue: &QueueName, max: usize) -> Result<LeaseBatch, sqlx::Error> {
+    let token = shared.next_token();
+    let rows = sqlx::query(LEASE_SQL.as_str())
         .bind(queue.as_str())
         .bind(i64::try_from(max).unwrap_or(i64::MAX))
         .bind(millis(shared.config.lease))
@@ -399,9 +421,15 @@ async fn lease(shared: &Shared, queue: &QueueName, max: usize) -> Result<LeaseBa
         .fetch_all(&shared.pool)
         .await?;
     let mut now = 0;
+    let mut next = None;
     let mut keyed = Vec::with_capacity(rows.len());
     for r in &rows {
         now = r.try_get("now")?;
+        next = r.try_get("next")?;
+        let leased: Option<i64> = r.try_get("seq")?;
+        if leased.is_none() {
+            continue;
+        }
         let lane: i16 = r.try_get("was_lane")?;
         let was_visible_at: i64 = r.try_get("was_visible_at")?;
         let row = StoredRow::from_row(r)?;
@@ -412,31 +440,8 @@ async fn lease(shared: &Shared, queue: &QueueName, max: usize) -> Result<LeaseBa
         rows: keyed.into_iter().map(|(_, row)| row).collect(),
         token,
         now,
+        next,
     })
-}
-
-/// How long until the next row of `queue` becomes visible, if any is
-/// waiting (delayed, backing off, or leased).
-async fn next_visible_in(
-    shared: &Shared,
-    queue: &QueueName,
-) -> Result<Option<Duration>, sqlx::Error> {
-    let row = sqlx::query(
-        "SELECT min(visible_at) AS next, busway_now_ms() AS now FROM busway_messages \
-         WHERE queue = $1 AND visible_at > busway_now_ms()",
-    )
-    .bind(queue.as_str())
-    .fetch_one(&shared.pool)
-    .await?;
-    let next: Option<i64> = row.try_get("next")?;
-    let now: i64 = row.try_get("now")?;
-    Ok(next.map(|at| {
-        Duration::from_millis(
-            u64::try_from(at.saturating_sub(now))
-                .unwrap_or(0)
-                .saturating_add(1),
-        )
-    }))
 }
 
 /// The consumer's task: keeps its buffer filled up to `prefetch` unsettled
@@ -459,6 +464,9 @@ pub(crate) async fn feed(shared: Arc<Shared>, state: Arc<ConsumerState>, prefetc
                 Err(_) => break,
             },
         }
+        // Slots come back in bursts (deliveries settled together): let the
+        // rest of the burst arrive, so one statement leases for all of it.
+        tokio::task::yield_now().await;
         let mut permits = Vec::new();
         while let Ok(permit) = slots.clone().try_acquire_owned() {
             permits.push(permit);
@@ -487,22 +495,16 @@ pub(crate) async fn feed(shared: Arc<Shared>, state: Arc<ConsumerState>, prefetc
                 continue;
             }
         };
-        let leased = batch.rows.len();
+        let (leased, now, next) = (batch.rows.len(), batch.now, batch.next);
         let mut deliver = Vec::with_capacity(leased);
         for row in batch.rows {
             let lease = LeaseId {
                 seq: row.seq,
                 token: batch.token,
             };
-            let meta = RowMeta {
-                headers: row.headers.clone(),
-                topic: row.topic.clone(),
-                priority: row.priority,
-                attempt: row.attempt,
-            };
             // Attempts before this lease.
             let attempts = row.attempt.saturating_sub(1);
-            let doomed = if row.expires_at.is_some_and(|at| at <= batch.now) {
+            let doomed = if row.expires_at.is_some_and(|at| at <= now) {
                 Some("expired".to_owned())
             } else {
                 match state.info.spec.max_attempts {
@@ -514,6 +516,12 @@ pub(crate) async fn feed(shared: Arc<Shared>, state: Arc<ConsumerState>, prefetc
             };
             match doomed {
                 Some(reason) => {
+                    let meta = RowMeta {
+                        headers: row.headers,
+                        topic: row.topic,
+                        priority: row.priority,
+                        attempt: row.attempt,
+                    };
                     let m = state.info.dead_letter_move(&meta, &reason, attempts);
                     shared.settle(SettleRequest {
                         lease,
@@ -532,10 +540,14 @@ pub(crate) async fn feed(shared: Arc<Shared>, state: Arc<ConsumerState>, prefetc
         state.push_rows(deliver, batch.token);
         drop(permits);
         if leased < requested {
-            let sleep = match next_visible_in(&shared, &queue).await {
-                Ok(Some(wait)) => wait.min(MAX_SLEEP),
-                Ok(None) => MAX_SLEEP,
-                Err(_) => ERROR_PAUSE,
+            let sleep = match next {
+                Some(at) => Duration::from_millis(
+                    u64::try_from(at.saturating_sub(now))
+                        .unwrap_or(0)
+                        .saturating_add(1),
+                )
+                .min(MAX_SLEEP),
+                None => MAX_SLEEP,
             };
             tokio::select! {
                 biased;

@@ -23,11 +23,13 @@ use crate::transport::PostgresTransport;
 /// Migration 1 of the event store.
 ///
 /// `busway_events.tx_id` is the id of the transaction that appended the row
-/// and `position` comes from `busway_event_positions`; `busway_append` takes
+/// and `position` comes from `busway_event_positions`; an append takes
 /// both under one short advisory lock, so among appends, a later
 /// transaction id always means higher positions (see the type's docs for
-/// why readers need that). The function does a whole append in one
-/// statement: one round trip, like a plain `INSERT`.
+/// why readers need that). The store sends its appends as plain statements
+/// (`APPEND_*`, no function call); `busway_append` does the same append in
+/// PL/pgSQL, under the same lock, for SQL callers: the first write of a
+/// transaction that goes on with writes of its own.
 const EVENT_STORE_V1: &str = r#"
 CREATE SEQUENCE busway_event_positions AS BIGINT;
 
@@ -172,13 +174,18 @@ const HOLDBACK_WAIT: Duration = Duration::from_secs(2);
 /// [`PostgresTransport`], on its connection pool. Any number of processes
 /// may append and read at once.
 ///
-/// **Appends** are one statement: the `busway_append` function checks for
-/// a retry (event ids already stored), bumps the stream's row in
-/// `busway_streams` (which serializes the writers of one stream; the
-/// expected version is checked against the version the previous writer
-/// committed, so of several writers racing at one version exactly one
-/// wins and the others get [`AppendError::Conflict`] with the winner's
-/// version) and inserts the events, all in the statement's transaction.
+/// **Appends** are one statement, one round trip like a plain `INSERT`: it
+/// moves the stream's row in `busway_streams` from the expected version
+/// (the row lock serializes the writers of one stream, and the version is
+/// checked against the one the previous writer committed, so of several
+/// writers racing at one version exactly one wins) and inserts the events,
+/// all in the statement's transaction. A statement that writes nothing
+/// (the row was not at the expected version, or is deleted), or hits the
+/// unique key on event ids, is followed by one query that tells a retry
+/// (all the ids stored, in order, on this stream: the stored outcome,
+/// `deduplicated`) from a duplicate id ([`AppendError::DuplicateEventId`]),
+/// a deleted stream and a conflict ([`AppendError::Conflict`] with the
+/// actual version); an append that succeeds never looks for its ids.
 /// Writers of different streams do not wait for each other, and their
 /// commits share WAL flushes (group commit) like plain `INSERT`s do.
 ///
@@ -324,48 +331,159 @@ fn event_from_row(row: &PgRow) -> Result<StoredEvent, ReadError> {
     ))
 }
 
-/// How one attempt at an append failed.
-enum Attempt {
-    /// A final answer.
-    Failed(AppendError),
-    /// Another transaction stored one of the ids meanwhile: look again.
-    IdRace,
+/// The append statements (see [`PostgresEventStore`]): one statement, so
+/// one round trip, like a plain `INSERT`. `$1` the stream, `$2` the
+/// expected version (`NULL` for any), `$3`..`$7` the events' ids, types,
+/// schema versions, data and metadata: scalars for one event, arrays
+/// (`$3` gives their length) for several.
+///
+/// `taken` holds the transaction id `x` and the positions `p`, taken
+/// together under the position lock, held for those calls only (a select
+/// list is evaluated left to right, and nothing writes before it: every
+/// write reads from it). `bumped` moves the stream's row from the expected
+/// version, if it is there, it is not deleted, and (for a new stream) the
+/// expected version is "no stream" or any: the row lock serializes the
+/// writers of a stream and the version is checked against the row the
+/// previous writer committed. The events go in only if the row moved. No
+/// row back means the append was refused, or is a retry: nothing was
+/// written, and [`PostgresEventStore::explain_refusal`] finds out which.
+///
+/// At an exact version (the usual append), `taken` is a subquery of the
+/// `UPDATE`, which hands `x` and `p` on: no CTE of its own to materialize.
+macro_rules! append_sql {
+    (taken, one) => {
+        "SELECT pg_advisory_lock(hashtext('busway_event_positions:' || current_schema())) AS l, \
+                pg_current_xact_id() AS x, \
+                nextval('busway_event_positions') AS p, \
+                pg_advisory_unlock(hashtext('busway_event_positions:' || current_schema())) AS u"
+    };
+    (taken, many) => {
+        "SELECT pg_advisory_lock(hashtext('busway_event_positions:' || current_schema())) AS l, \
+                pg_current_xact_id() AS x, \
+                ARRAY(SELECT nextval('busway_event_positions') \
+                      FROM generate_series(1, cardinality($3::text[]))) AS p, \
+                pg_advisory_unlock(hashtext('busway_event_positions:' || current_schema())) AS u"
+    };
+    // A new stream, or one at version 0 (metadata only): expected no stream or any.
+    (upsert, $taken:ident, $n:literal) => {
+        concat!(
+            "WITH taken AS MATERIALIZED (",
+            append_sql!(taken, $taken),
+            "), bumped AS ( \
+                 INSERT INTO busway_streams AS s (stream, version) \
+                 SELECT $1::text, ",
+            $n,
+            " FROM taken \
+                 ON CONFLICT (stream) DO UPDATE SET version = s.version + EXCLUDED.version \
+                 WHERE NOT s.deleted AND ($2::bigint IS NULL OR s.version = $2::bigint) \
+                 RETURNING s.version \
+             ), "
+        )
+    };
+    // An existing stream at an exact version.
+    (update, $taken:ident, $n:literal) => {
+        concat!(
+            "WITH bumped AS ( \
+                 UPDATE busway_streams AS s SET version = s.version + ",
+            $n,
+            " FROM (",
+            append_sql!(taken, $taken),
+            " OFFSET 0) AS taken \
+                 WHERE s.stream = $1::text AND s.version = $2::bigint AND NOT s.deleted \
+                 RETURNING s.version, taken.x, taken.p \
+             ) "
+        )
+    };
+    (insert, one) => {
+        "INSERT INTO busway_events (position, tx_id, stream, version, event_id, event_type, \
+                                    schema_version, data, metadata, recorded_at_ms) \
+         SELECT p, x, $1::text, version, $3::text::uuid, $4::text, \
+                $5::int4, $6::bytea, $7::text, busway_now_ms()"
+    };
+    (insert, many) => {
+        "INSERT INTO busway_events (position, tx_id, stream, version, event_id, event_type, \
+                                    schema_version, data, metadata, recorded_at_ms) \
+         SELECT p[e.i], x, $1::text, version - cardinality($3::text[]) + e.i, \
+                e.id::uuid, e.t, e.sv, e.d, e.m, busway_now_ms()"
+    };
+    (events) => {
+        "unnest($3::text[], $4::text[], $5::int4[], $6::bytea[], $7::text[]) \
+         WITH ORDINALITY AS e (id, t, sv, d, m, i)"
+    };
 }
 
-impl From<AppendError> for Attempt {
-    fn from(e: AppendError) -> Self {
-        Attempt::Failed(e)
-    }
-}
+/// One event; a new stream, or expected no stream or any.
+const APPEND_ONE_UPSERT: &str = concat!(
+    append_sql!(upsert, one, "1"),
+    "inserted AS (",
+    append_sql!(insert, one),
+    " FROM bumped, taken) SELECT version, p FROM bumped, taken"
+);
+/// One event at an exact version.
+const APPEND_ONE_UPDATE: &str = concat!(
+    append_sql!(update, one, "1"),
+    append_sql!(insert, one),
+    " FROM bumped RETURNING version, position"
+);
+/// Several events; a new stream, or expected no stream or any.
+const APPEND_MANY_UPSERT: &str = concat!(
+    append_sql!(upsert, many, "cardinality($3::text[])"),
+    "inserted AS (",
+    append_sql!(insert, many),
+    " FROM bumped, taken, ",
+    append_sql!(events),
+    ") SELECT version, p[cardinality(p)] FROM bumped, taken"
+);
+/// Several events at an exact version.
+const APPEND_MANY_UPDATE: &str = concat!(
+    append_sql!(update, many, "cardinality($3::text[])"),
+    ", inserted AS (",
+    append_sql!(insert, many),
+    " FROM bumped, ",
+    append_sql!(events),
+    ") SELECT version, p[cardinality(p)] FROM bumped"
+);
 
-/// The columns of a batch, as the arrays `busway_append` takes.
-struct Columns {
+/// Why an append wrote nothing: the ids already stored (in the batch's
+/// order) and the stream's row, in one query.
+const REFUSAL_SQL: &str = "SELECT s.version AS stream_version, s.deleted, e.stream, e.version, \
+         e.position, e.event_id::text AS event_id, e.idx \
+     FROM (SELECT 1) AS one \
+     LEFT JOIN busway_streams s ON s.stream = $1 \
+     LEFT JOIN LATERAL ( \
+         SELECT e.stream, e.version, e.position, e.event_id, \
+                array_position($2::text[]::uuid[], e.event_id) AS idx \
+         FROM busway_events e WHERE e.event_id = ANY ($2::text[]::uuid[]) \
+     ) e ON true \
+     ORDER BY e.idx";
+
+/// How many times an append is tried when the explanation of a refusal
+/// finds the stream ready for it after all (other writers moved it
+/// meanwhile).
+const MAX_TRIES: usize = 16;
+
+/// The columns of a batch, as the statement's parameters (borrowing the
+/// events' types and data).
+struct Columns<'a> {
     ids: Vec<String>,
-    types: Vec<String>,
+    types: Vec<&'a str>,
     schema_versions: Vec<i32>,
-    data: Vec<Vec<u8>>,
+    data: Vec<&'a [u8]>,
     metadata: Vec<Option<String>>,
 }
 
-impl Columns {
-    fn of(events: Vec<NewEvent>) -> Self {
-        let mut columns = Columns {
-            ids: Vec::with_capacity(events.len()),
-            types: Vec::with_capacity(events.len()),
-            schema_versions: Vec::with_capacity(events.len()),
-            data: Vec::with_capacity(events.len()),
-            metadata: Vec::with_capacity(events.len()),
-        };
-        for event in events {
-            columns.ids.push(event.id.to_string());
-            columns.metadata.push(metadata_text(&event.metadata));
-            columns.types.push(event.event_type);
-            columns
-                .schema_versions
-                .push(i32::try_from(event.schema_version).unwrap_or(i32::MAX));
-            columns.data.push(event.data.to_vec());
+impl<'a> Columns<'a> {
+    fn of(events: &'a [NewEvent]) -> Self {
+        Columns {
+            ids: events.iter().map(|e| e.id.to_string()).collect(),
+            types: events.iter().map(|e| e.event_type.as_str()).collect(),
+            schema_versions: events
+                .iter()
+                .map(|e| i32::try_from(e.schema_version).unwrap_or(i32::MAX))
+                .collect(),
+            data: events.iter().map(|e| e.data.as_ref()).collect(),
+            metadata: events.iter().map(|e| metadata_text(&e.metadata)).collect(),
         }
-        columns
     }
 }
 
@@ -428,106 +546,195 @@ impl PostgresEventStore {
     }
 
     /// One try: the append statement, in a transaction of its own when
-    /// messages are published with it.
+    /// messages are published with it. `None`: nothing was written (a
+    /// refusal, or a retry of a stored append).
     async fn try_append(
         &self,
         stream: &str,
         expected: ExpectedVersion,
-        columns: &Columns,
+        columns: &Columns<'_>,
         announcements: &[Publish],
-    ) -> Result<AppendOutcome, Attempt> {
-        let backend = |e: sqlx::Error| match e {
-            sqlx::Error::PoolClosed => AppendError::Closed,
-            e => AppendError::Backend(Box::new(e)),
-        };
-        let mut conn = self.pool().acquire().await.map_err(backend)?;
+    ) -> Result<Option<AppendOutcome>, AppendError> {
+        let mut conn = self.pool().acquire().await.map_err(append_error)?;
         let result = if announcements.is_empty() {
             call_append(&mut conn, stream, expected, columns).await
         } else {
-            let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(backend)?;
-            let outcome = call_append(&mut tx, stream, expected, columns).await;
-            match outcome {
-                Ok(outcome) if !outcome.deduplicated => {
+            let mut tx = sqlx::Connection::begin(&mut *conn)
+                .await
+                .map_err(append_error)?;
+            match call_append(&mut tx, stream, expected, columns).await {
+                Ok(Some(outcome)) => {
                     self.transport
                         .publish_in(&mut tx, announcements)
                         .await
                         .map_err(|e| AppendError::Backend(Box::new(e)))?;
-                    tx.commit().await.map_err(backend)?;
-                    Ok(outcome)
+                    tx.commit().await.map_err(append_error)?;
+                    Ok(Some(outcome))
                 }
-                other => other,
+                Ok(None) => {
+                    tx.rollback().await.map_err(append_error)?;
+                    Ok(None)
+                }
+                // Dropping the transaction rolls it back.
+                Err(e) => Err(e),
             }
         };
         let error = match result {
             Ok(outcome) => return Ok(outcome),
             Err(e) => e,
         };
-        let Some(db) = error.as_database_error() else {
-            return Err(backend(error).into());
-        };
-        let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
-        let message = db.message().to_owned();
-        match code.as_str() {
-            "BWCNF" => Err(AppendError::Conflict {
-                stream: stream.to_owned(),
-                expected,
-                actual: message.parse().unwrap_or(0),
-            }
-            .into()),
-            "BWDEL" => Err(AppendError::StreamDeleted {
-                stream: stream.to_owned(),
-            }
-            .into()),
-            "BWDUP" => Err(AppendError::DuplicateEventId {
-                stream: stream.to_owned(),
-                id: Uuid::parse_str(&message).unwrap_or_default(),
-            }
-            .into()),
-            // unique_violation on the event ids: a concurrent append stored one.
-            "23505" if db.constraint() == Some("busway_events_event_id") => Err(Attempt::IdRace),
-            _ => {
-                // Interrupted between taking and releasing the position
-                // lock (a cancel): release it before the connection goes
-                // back to the pool.
-                let _ = sqlx::query("SELECT pg_advisory_unlock_all()")
-                    .execute(&mut *conn)
-                    .await;
-                Err(backend(error).into())
+        if let Some(db) = error.as_database_error() {
+            // One of the ids is stored (the check waited for the append
+            // that stored it to commit): a retry, or a duplicate.
+            if db.code().as_deref() == Some("23505")
+                && db.constraint() == Some("busway_events_event_id")
+            {
+                return Ok(None);
             }
         }
+        // Interrupted between taking and releasing the position lock (a
+        // cancel): release it before the connection goes back to the pool.
+        let _ = sqlx::query("SELECT pg_advisory_unlock_all()")
+            .execute(&mut *conn)
+            .await;
+        Err(append_error(error))
+    }
+
+    /// Why an append wrote nothing: `Some` is the final answer (the outcome
+    /// of the stored append it retries, or the error); `None` when the
+    /// stream is ready for it after all (other writers moved it since):
+    /// try again.
+    async fn explain_refusal(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        columns: &Columns<'_>,
+    ) -> Result<Option<Result<AppendOutcome, AppendError>>, AppendError> {
+        type Row = (
+            Option<i64>,
+            Option<bool>,
+            Option<String>,
+            Option<i64>,
+            Option<i64>,
+            Option<String>,
+            Option<i32>,
+        );
+        let rows: Vec<Row> = sqlx::query_as(REFUSAL_SQL)
+            .bind(stream)
+            .bind(&columns.ids)
+            .fetch_all(self.pool())
+            .await
+            .map_err(append_error)?;
+        let duplicate = |id: &str| AppendError::DuplicateEventId {
+            stream: stream.to_owned(),
+            id: Uuid::parse_str(id).unwrap_or_default(),
+        };
+        // A retry of a stored append: all its ids, in order, at consecutive
+        // versions of this stream. Any other stored id is a duplicate.
+        let mut found: Option<(u64, u64)> = None;
+        let mut found_count: usize = 0;
+        for row in &rows {
+            let (_, _, Some(row_stream), Some(version), Some(position), Some(id), Some(idx)) = row
+            else {
+                continue;
+            };
+            let version = u64::try_from(*version).unwrap_or(0);
+            let first = found.map_or(version, |(first, _)| first);
+            if row_stream != stream
+                || usize::try_from(*idx).ok() != Some(found_count + 1)
+                || version != first + found_count as u64
+            {
+                return Ok(Some(Err(duplicate(id))));
+            }
+            found = Some((first, u64::try_from(*position).unwrap_or(0)));
+            found_count += 1;
+        }
+        if let Some((first, position)) = found {
+            if found_count == columns.ids.len() {
+                let version = first + found_count as u64 - 1;
+                return Ok(Some(Ok(AppendOutcome::new(version, position, true))));
+            }
+            return Ok(Some(Err(duplicate(&columns.ids[0]))));
+        }
+        let (version, deleted) = rows.first().map_or((None, None), |row| (row.0, row.1));
+        if deleted == Some(true) {
+            return Ok(Some(Err(AppendError::StreamDeleted {
+                stream: stream.to_owned(),
+            })));
+        }
+        let actual = version.map(|v| u64::try_from(v).unwrap_or(0));
+        if expected.accepts(actual) {
+            return Ok(None);
+        }
+        Ok(Some(Err(AppendError::Conflict {
+            stream: stream.to_owned(),
+            expected,
+            actual: actual.unwrap_or(0),
+        })))
     }
 }
 
-/// Runs `busway_append` on `conn`.
+fn append_error(e: sqlx::Error) -> AppendError {
+    match e {
+        sqlx::Error::PoolClosed => AppendError::Closed,
+        e => AppendError::Backend(Box::new(e)),
+    }
+}
+
+/// Runs the append statement on `conn`; `None` when it wrote nothing.
 async fn call_append(
     conn: &mut PgConnection,
     stream: &str,
     expected: ExpectedVersion,
-    columns: &Columns,
-) -> Result<AppendOutcome, sqlx::Error> {
+    columns: &Columns<'_>,
+) -> Result<Option<AppendOutcome>, sqlx::Error> {
     let expected = match expected {
         ExpectedVersion::Any => None,
         ExpectedVersion::NoStream => Some(0),
         ExpectedVersion::Exact(v) => Some(as_i64(v)),
     };
-    let (version, position, deduplicated): (i64, i64, bool) = sqlx::query_as(
-        "SELECT out_version, out_position, out_deduplicated \
-         FROM busway_append($1, $2, $3::text[]::uuid[], $4, $5, $6, $7)",
-    )
-    .bind(stream)
-    .bind(expected)
-    .bind(&columns.ids)
-    .bind(&columns.types)
-    .bind(&columns.schema_versions)
-    .bind(&columns.data)
-    .bind(&columns.metadata)
-    .fetch_one(conn)
-    .await?;
-    Ok(AppendOutcome::new(
-        u64::try_from(version).unwrap_or(0),
-        u64::try_from(position).unwrap_or(0),
-        deduplicated,
-    ))
+    let upsert = expected.is_none_or(|v| v == 0);
+    let query = if let ([id], [event_type], [schema_version], [data], [metadata]) = (
+        &columns.ids[..],
+        &columns.types[..],
+        &columns.schema_versions[..],
+        &columns.data[..],
+        &columns.metadata[..],
+    ) {
+        sqlx::query_as(if upsert {
+            APPEND_ONE_UPSERT
+        } else {
+            APPEND_ONE_UPDATE
+        })
+        .bind(stream)
+        .bind(expected)
+        .bind(id)
+        .bind(event_type)
+        .bind(schema_version)
+        .bind(data)
+        .bind(metadata)
+    } else {
+        sqlx::query_as(if upsert {
+            APPEND_MANY_UPSERT
+        } else {
+            APPEND_MANY_UPDATE
+        })
+        .bind(stream)
+        .bind(expected)
+        .bind(&columns.ids)
+        .bind(&columns.types)
+        .bind(&columns.schema_versions)
+        .bind(&columns.data)
+        .bind(&columns.metadata)
+    };
+    let row: Option<(i64, i64)> = query.fetch_optional(conn).await?;
+    Ok(row.map(|(version, position)| {
+        AppendOutcome::new(
+            u64::try_from(version).unwrap_or(0),
+            u64::try_from(position).unwrap_or(0),
+            false,
+        )
+    }))
 }
 
 #[async_trait]
@@ -540,42 +747,24 @@ impl EventStore for PostgresEventStore {
         announcements: Vec<Publish>,
     ) -> Result<AppendOutcome, AppendError> {
         validate_append(stream, &events)?;
-        let columns = Columns::of(events);
-        let mut raced = false;
-        loop {
-            match self
+        let columns = Columns::of(&events);
+        for _ in 0..MAX_TRIES {
+            let outcome = match self
                 .try_append(stream, expected, &columns, &announcements)
-                .await
+                .await?
             {
-                Ok(outcome) => {
-                    self.advance_head(outcome.position);
-                    return Ok(outcome);
-                }
-                Err(Attempt::Failed(e)) => return Err(e),
-                // The other append has committed: the second try finds it.
-                Err(Attempt::IdRace) if !raced => raced = true,
-                Err(Attempt::IdRace) => {
-                    let ids: Vec<&String> = columns.ids.iter().collect();
-                    let stored: Vec<String> = sqlx::query_scalar(
-                        "SELECT event_id::text FROM busway_events WHERE event_id = ANY($1::text[]::uuid[])",
-                    )
-                    .bind(&ids)
-                    .fetch_all(self.pool())
-                    .await
-                    .map_err(|e| AppendError::Backend(Box::new(e)))?;
-                    let id = columns
-                        .ids
-                        .iter()
-                        .find(|id| stored.contains(id))
-                        .and_then(|id| Uuid::parse_str(id).ok())
-                        .unwrap_or_default();
-                    return Err(AppendError::DuplicateEventId {
-                        stream: stream.to_owned(),
-                        id,
-                    });
-                }
-            }
+                Some(outcome) => outcome,
+                None => match self.explain_refusal(stream, expected, &columns).await? {
+                    Some(answer) => answer?,
+                    None => continue,
+                },
+            };
+            self.advance_head(outcome.position);
+            return Ok(outcome);
         }
+        Err(AppendError::Backend(
+            format!("the append to `{stream}` kept racing other writers; giving up").into(),
+        ))
     }
 
     async fn read_stream(

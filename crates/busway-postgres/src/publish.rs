@@ -54,7 +54,7 @@ SELECT pg_notify($17, q.queue) FROM (SELECT DISTINCT queue FROM ins) q";
 /// One message bound for one queue.
 struct Target<'a> {
     publish: &'a Publish,
-    spec: QueueSpec,
+    spec: Arc<QueueSpec>,
 }
 
 /// The columns of [`INSERT_SQL`], one array each.
@@ -187,12 +187,23 @@ impl Shared {
         wanted.extend(routes.values().flatten());
         self.load_specs(conn, &wanted).await?;
 
+        // Each queue's spec is looked up once per group, however many
+        // messages go to it.
+        let mut specs: Vec<(QueueName, Option<Arc<QueueSpec>>)> = Vec::new();
+        let mut spec_of = |queue: &QueueName| -> Option<Arc<QueueSpec>> {
+            if let Some((_, spec)) = specs.iter().find(|(q, _)| q == queue) {
+                return spec.clone();
+            }
+            let spec = self.cached_spec(queue).map(Arc::new);
+            specs.push((queue.clone(), spec.clone()));
+            spec
+        };
         let mut resolved = Vec::with_capacity(requests.len());
         'request: for batch in requests {
             let mut targets = Vec::with_capacity(batch.len());
             for publish in batch.iter() {
                 match &publish.destination {
-                    Destination::Queue(queue) => match self.cached_spec(queue) {
+                    Destination::Queue(queue) => match spec_of(queue) {
                         Some(spec) => targets.push(Target { publish, spec }),
                         None => {
                             resolved.push(Err(PublishError::QueueNotFound(queue.clone())));
@@ -202,7 +213,7 @@ impl Shared {
                     Destination::Topic(topic) => {
                         for queue in routes.get(topic.as_str()).into_iter().flatten() {
                             // A binding whose queue is gone routes nowhere.
-                            if let Some(spec) = self.cached_spec(queue) {
+                            if let Some(spec) = spec_of(queue) {
                                 targets.push(Target { publish, spec });
                             }
                         }

@@ -71,24 +71,25 @@ impl StoredRow {
         self.topic.as_deref().and_then(|t| Topic::new(t).ok())
     }
 
-    /// The message.
-    pub(crate) fn to_message(&self) -> Message {
+    /// The message; its strings and payload are moved, not copied.
+    pub(crate) fn into_message(self) -> Message {
         let id = Uuid::parse_str(&self.id).unwrap_or_else(|_| {
             tracing::warn!(seq = self.seq, id = %self.id, "unreadable message id");
             Uuid::nil()
         });
+        let headers = self.parse_headers();
         Message {
             id,
-            kind: self.kind.clone(),
-            correlation_id: self.correlation_id.clone(),
-            causation_id: self.causation_id.clone(),
-            reply_to: self.reply_to.clone(),
-            headers: self.parse_headers(),
-            content_type: self.content_type.clone(),
+            kind: self.kind,
+            correlation_id: self.correlation_id,
+            causation_id: self.causation_id,
+            reply_to: self.reply_to,
+            headers,
+            content_type: self.content_type,
             timestamp: from_millis(self.timestamp),
             priority: Priority::saturating(u8::try_from(self.priority.clamp(0, 9)).unwrap_or(0)),
             expires_at: self.expires_at.map(from_millis),
-            payload: Bytes::from(self.payload.clone()),
+            payload: Bytes::from(self.payload),
         }
     }
 

@@ -79,6 +79,10 @@ pub(crate) async fn worker(
             };
             let Some(first) = first else { return };
             group.push(Some(first));
+            // Settlements come in bursts (a consumer acks what it was
+            // handed together): let the rest of the burst arrive, so it
+            // shares one statement and one commit rather than a few.
+            tokio::task::yield_now().await;
             while group.len() < shared.config.max_batch {
                 match rx.try_recv() {
                     Ok(request) => group.push(Some(request)),

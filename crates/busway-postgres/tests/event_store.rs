@@ -160,3 +160,48 @@ async fn late_commits_are_not_skipped() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Concurrent retries of one batch, at any version: one of them stores it
+/// (the others meet its ids in the unique key, or find them stored), and
+/// every one returns its outcome; the stream holds the batch once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_retries_store_a_batch_once() -> anyhow::Result<()> {
+    use busway_core::event_store::StreamRead;
+
+    let Some((store, _schema)) = open().await? else {
+        return Ok(());
+    };
+    for round in 0..20 {
+        let stream = format!("retried-{round}");
+        let batch: Vec<NewEvent> = (0..(1 + round % 3))
+            .map(|i| NewEvent::new("retried", format!("{{\"n\":{i}}}")))
+            .collect();
+        let tries: Vec<_> = (0..8)
+            .map(|_| {
+                let store = store.clone();
+                let (stream, batch) = (stream.clone(), batch.clone());
+                tokio::spawn(
+                    async move { store.append(&stream, ExpectedVersion::Any, batch).await },
+                )
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for attempt in tries {
+            outcomes.push(attempt.await??);
+        }
+        let stored = outcomes.iter().filter(|o| !o.deduplicated).count();
+        ensure!(
+            stored == 1,
+            "round {round}: {stored} appends stored the batch"
+        );
+        ensure!(
+            outcomes
+                .iter()
+                .all(|o| o.version == outcomes[0].version && o.position == outcomes[0].position),
+            "round {round}: {outcomes:?}"
+        );
+        let events = store.read_stream(&stream, StreamRead::all()).await?;
+        ensure!(events.len() == batch.len(), "round {round}: {events:?}");
+    }
+    Ok(())
+}

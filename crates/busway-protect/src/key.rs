@@ -2,8 +2,14 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::{Arc, OnceLock};
 
+use aes_gcm::aead::KeyInit;
+use aes_gcm::Aes256Gcm;
+use chacha20poly1305::ChaCha20Poly1305;
+use hmac::Hmac;
 use rand::RngCore;
+use sha2::Sha256;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 /// A 256-bit secret key, wiped from memory when dropped. Its `Debug` output
@@ -151,8 +157,58 @@ impl fmt::Display for Algorithm {
 /// ```
 #[derive(Clone, Default)]
 pub struct Keyring {
-    keys: BTreeMap<String, SecretKey>,
+    keys: BTreeMap<String, Arc<KeyState>>,
     current: Option<String>,
+}
+
+/// A key with what each algorithm derives from it (the AES key schedule,
+/// the HMAC pads), derived on first use and kept, so protecting a message
+/// does not derive it again. Clones of a keyring share them.
+pub(crate) struct KeyState {
+    key: SecretKey,
+    aes: OnceLock<Aes256Gcm>,
+    chacha: OnceLock<ChaCha20Poly1305>,
+    hmac: OnceLock<Hmac<Sha256>>,
+}
+
+impl KeyState {
+    fn new(key: SecretKey) -> Self {
+        Self {
+            key,
+            aes: OnceLock::new(),
+            chacha: OnceLock::new(),
+            hmac: OnceLock::new(),
+        }
+    }
+
+    /// The AES-256-GCM cipher of this key.
+    pub(crate) fn aes(&self) -> &Aes256Gcm {
+        self.aes
+            .get_or_init(|| Aes256Gcm::new(self.key.bytes().into()))
+    }
+
+    /// The ChaCha20-Poly1305 cipher of this key.
+    pub(crate) fn chacha(&self) -> &ChaCha20Poly1305 {
+        self.chacha
+            .get_or_init(|| ChaCha20Poly1305::new(self.key.bytes().into()))
+    }
+
+    /// A fresh HMAC-SHA256 of this key, ready for input.
+    pub(crate) fn hmac(&self) -> Hmac<Sha256> {
+        self.hmac
+            .get_or_init(|| <Hmac<Sha256> as KeyInit>::new(&pad_hmac_key(self.key.bytes())))
+            .clone()
+    }
+}
+
+/// A 32-byte key as the 64-byte HMAC-SHA256 key it is equivalent to (keys
+/// shorter than the block are zero-padded, RFC 2104).
+fn pad_hmac_key(
+    key: &[u8; 32],
+) -> aes_gcm::aead::generic_array::GenericArray<u8, hmac::digest::consts::U64> {
+    let mut padded = aes_gcm::aead::generic_array::GenericArray::default();
+    padded[..32].copy_from_slice(key);
+    padded
 }
 
 impl Keyring {
@@ -169,7 +225,7 @@ impl Keyring {
         if self.current.is_none() {
             self.current = Some(id.clone());
         }
-        self.keys.insert(id, key.into());
+        self.keys.insert(id, Arc::new(KeyState::new(key.into())));
         self
     }
 
@@ -201,13 +257,13 @@ impl Keyring {
         self.keys.keys().map(String::as_str)
     }
 
-    pub(crate) fn current(&self) -> Option<(&str, &SecretKey)> {
+    pub(crate) fn current(&self) -> Option<(&str, &KeyState)> {
         let id = self.current.as_deref()?;
-        self.keys.get_key_value(id).map(|(k, v)| (k.as_str(), v))
+        self.keys.get_key_value(id).map(|(k, v)| (k.as_str(), &**v))
     }
 
-    pub(crate) fn get(&self, id: &str) -> Option<&SecretKey> {
-        self.keys.get(id)
+    pub(crate) fn get(&self, id: &str) -> Option<&KeyState> {
+        self.keys.get(id).map(|state| &**state)
     }
 }
 
@@ -217,5 +273,31 @@ impl fmt::Debug for Keyring {
             .field("key_ids", &self.keys.keys().collect::<Vec<_>>())
             .field("current", &self.current)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hmac::Mac;
+
+    use super::*;
+
+    #[test]
+    fn the_kept_hmac_is_hmac_sha256_of_the_key() {
+        let key = SecretKey::generate();
+        let mut expected =
+            <Hmac<Sha256> as Mac>::new_from_slice(key.bytes()).unwrap_or_else(|_| {
+                panic!("HMAC takes keys of any length");
+            });
+        expected.update(b"message");
+        let state = KeyState::new(key);
+        for _ in 0..2 {
+            let mut mac = state.hmac();
+            mac.update(b"message");
+            assert_eq!(
+                mac.finalize().into_bytes(),
+                expected.clone().finalize().into_bytes()
+            );
+        }
     }
 }

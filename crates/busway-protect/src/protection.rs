@@ -5,10 +5,8 @@ use std::fmt;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::Aes256Gcm;
+use aes_gcm::aead::{Aead, Payload};
 use busway_core::{unix_millis, Message};
-use chacha20poly1305::ChaCha20Poly1305;
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::Sha256;
@@ -17,7 +15,7 @@ use crate::audit::{AuditAction, AuditRecord, AuditSink};
 use crate::compression::ContentEncoding;
 use crate::error::ProtectError;
 use crate::headers::{self, ALGORITHM, CONTENT_ENCODING, KEY_ID, NONCE, SENT_AT, SIGNATURE};
-use crate::key::{Algorithm, Keyring, SecretKey};
+use crate::key::{Algorithm, KeyState, Keyring};
 use crate::limits::Limits;
 use crate::replay::ReplayGuard;
 
@@ -339,7 +337,7 @@ impl PayloadProtection {
                 message.payload = sealed.into();
             } else {
                 let aad = associated_data(&message);
-                let tag = hmac_tag(key, &aad, &message.payload)?;
+                let tag = hmac_tag(key, &aad, &message.payload);
                 message.headers.insert(SIGNATURE, crate::hex::encode(&tag));
             }
         }
@@ -439,7 +437,7 @@ impl PayloadProtection {
                             problem: "not 64 lowercase hex digits",
                         })
                     })?;
-                    let mut mac = hmac(key)?;
+                    let mut mac = key.hmac();
                     feed(&mut mac, &aad, &message.payload);
                     mac.verify_slice(&tag)
                         .map_err(|_| ProtectError::BadSignature { key_id })?;
@@ -521,17 +519,15 @@ fn associated_data(message: &Message) -> Vec<u8> {
 
 fn seal(
     algorithm: Algorithm,
-    key: &SecretKey,
+    key: &KeyState,
     nonce: &[u8; NONCE_LEN],
     aad: &[u8],
     plain: &[u8],
 ) -> Result<Vec<u8>, ProtectError> {
     let payload = Payload { msg: plain, aad };
     let sealed = match algorithm {
-        Algorithm::Aes256Gcm => Aes256Gcm::new(key.bytes().into()).encrypt(nonce.into(), payload),
-        Algorithm::ChaCha20Poly1305 => {
-            ChaCha20Poly1305::new(key.bytes().into()).encrypt(nonce.into(), payload)
-        }
+        Algorithm::Aes256Gcm => key.aes().encrypt(nonce.into(), payload),
+        Algorithm::ChaCha20Poly1305 => key.chacha().encrypt(nonce.into(), payload),
         Algorithm::HmacSha256 => return Err(ProtectError::EncryptionFailed),
     };
     sealed.map_err(|_| ProtectError::EncryptionFailed)
@@ -539,25 +535,17 @@ fn seal(
 
 fn unseal(
     algorithm: Algorithm,
-    key: &SecretKey,
+    key: &KeyState,
     nonce: &[u8; NONCE_LEN],
     aad: &[u8],
     sealed: &[u8],
 ) -> Option<Vec<u8>> {
     let payload = Payload { msg: sealed, aad };
     match algorithm {
-        Algorithm::Aes256Gcm => Aes256Gcm::new(key.bytes().into())
-            .decrypt(nonce.into(), payload)
-            .ok(),
-        Algorithm::ChaCha20Poly1305 => ChaCha20Poly1305::new(key.bytes().into())
-            .decrypt(nonce.into(), payload)
-            .ok(),
+        Algorithm::Aes256Gcm => key.aes().decrypt(nonce.into(), payload).ok(),
+        Algorithm::ChaCha20Poly1305 => key.chacha().decrypt(nonce.into(), payload).ok(),
         Algorithm::HmacSha256 => None,
     }
-}
-
-fn hmac(key: &SecretKey) -> Result<Hmac<Sha256>, ProtectError> {
-    <Hmac<Sha256> as Mac>::new_from_slice(key.bytes()).map_err(|_| ProtectError::EncryptionFailed)
 }
 
 fn feed(mac: &mut Hmac<Sha256>, aad: &[u8], payload: &[u8]) {
@@ -566,8 +554,8 @@ fn feed(mac: &mut Hmac<Sha256>, aad: &[u8], payload: &[u8]) {
     mac.update(payload);
 }
 
-fn hmac_tag(key: &SecretKey, aad: &[u8], payload: &[u8]) -> Result<[u8; 32], ProtectError> {
-    let mut mac = hmac(key)?;
+fn hmac_tag(key: &KeyState, aad: &[u8], payload: &[u8]) -> [u8; 32] {
+    let mut mac = key.hmac();
     feed(&mut mac, aad, payload);
-    Ok(mac.finalize().into_bytes().into())
+    mac.finalize().into_bytes().into()
 }

@@ -11,11 +11,13 @@ use busway_core::{
     ConsumeError, DirectReplies, DirectReplyChannel, Message, Publish, PublishError,
 };
 use bytes::Bytes;
+use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::Channel;
-use tokio::sync::mpsc;
+use lapin::{Confirmation, PublisherConfirm};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::connection::{lock, short, Fail, Inner};
@@ -32,6 +34,12 @@ pub(crate) struct RabbitDirectReply {
     channel: Mutex<Option<Channel>>,
     reopening: tokio::sync::Mutex<()>,
     replies: mpsc::UnboundedSender<Message>,
+    /// Every request's confirm, awaited to the end by one task (see
+    /// [`await_confirms`]) and passed on to its sender if still waiting.
+    confirms: mpsc::UnboundedSender<(
+        PublisherConfirm,
+        oneshot::Sender<lapin::Result<Confirmation>>,
+    )>,
 }
 
 fn consume_error(f: Fail) -> ConsumeError {
@@ -47,11 +55,14 @@ fn consume_error(f: Fail) -> ConsumeError {
 /// Opens the direct reply channel of a transport.
 pub(crate) async fn open(inner: Arc<Inner>) -> Result<DirectReplies, ConsumeError> {
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let (confirms, pending) = mpsc::unbounded_channel();
+    tokio::spawn(await_confirms(pending));
     let direct = Arc::new(RabbitDirectReply {
         inner,
         channel: Mutex::new(None),
         reopening: tokio::sync::Mutex::new(()),
         replies: tx,
+        confirms,
     });
     direct.channel().await.map_err(consume_error)?;
     let replies = futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed();
@@ -59,6 +70,34 @@ pub(crate) async fn open(inner: Arc<Inner>) -> Result<DirectReplies, ConsumeErro
         channel: direct,
         replies,
     })
+}
+
+/// Awaits each request's confirm and hands it to the request's sender,
+/// which may be gone: a call whose reply came first stops waiting for its
+/// confirm. A confirm dropped while pending would be kept by lapin for
+/// `wait_for_confirms` (never called here) for the channel's lifetime, and
+/// waking every call for its confirm costs more than one task taking them
+/// all. Ends when the direct reply channel is dropped and every confirm
+/// has settled (a lost channel settles its confirms with an error).
+async fn await_confirms(
+    mut pending: mpsc::UnboundedReceiver<(
+        PublisherConfirm,
+        oneshot::Sender<lapin::Result<Confirmation>>,
+    )>,
+) {
+    let mut waiting = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            next = pending.recv() => match next {
+                Some((confirm, tx)) => waiting.push(async move {
+                    let _ = tx.send(confirm.await);
+                }),
+                None => break,
+            },
+            Some(()) = waiting.next(), if !waiting.is_empty() => {}
+        }
+    }
+    while waiting.next().await.is_some() {}
 }
 
 impl RabbitDirectReply {
@@ -75,7 +114,7 @@ impl RabbitDirectReply {
         let ch = live.connection.create_channel().await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
         let tag = short(&format!("busway-replies-{}", uuid::Uuid::new_v4().simple()))?;
-        let mut consumer = ch
+        let consumer = ch
             .basic_consume(
                 DIRECT_REPLY_TO.into(),
                 tag,
@@ -86,29 +125,42 @@ impl RabbitDirectReply {
                 FieldTable::default(),
             )
             .await?;
-        let (tx, inner, forwarding) = (self.replies.clone(), self.inner.clone(), ch.clone());
+        // Each reply is decoded and handed on where lapin reads it, with no
+        // task between the socket and the caller's stream.
+        let (tx, inner) = (self.replies.clone(), self.inner.clone());
+        let ended = Arc::new(tokio::sync::Notify::new());
+        let ending = ended.clone();
+        consumer.set_delegate(move |item: lapin::message::DeliveryResult| {
+            let Ok(Some(d)) = item else {
+                // Cancelled or failed: the next send opens a new channel.
+                ending.notify_one();
+                return std::future::ready(());
+            };
+            let decoded = wire::decode(
+                &d.properties,
+                Bytes::from(d.data),
+                d.exchange.as_str(),
+                d.routing_key.as_str(),
+                &inner.config.topic_exchange,
+            );
+            // A send fails only once the caller's stream is gone; the
+            // watcher below then closes the channel.
+            let _ = tx.send(decoded.message);
+            std::future::ready(())
+        });
+        // Holds the consumer (dropping it cancels it) until it ends, or the
+        // caller's stream or the transport is gone, then closes the channel.
+        let (tx, inner, watched) = (self.replies.clone(), self.inner.clone(), ch.clone());
         tokio::spawn(async move {
+            let _consumer = consumer;
             let mut closed = inner.closed_signal();
-            loop {
-                let item = tokio::select! {
-                    _ = tx.closed() => break,
-                    _ = closed.wait_for(|c| *c) => break,
-                    item = consumer.next() => item,
-                };
-                let Some(Ok(d)) = item else { break };
-                let decoded = wire::decode(
-                    &d.properties,
-                    Bytes::from(d.data),
-                    d.exchange.as_str(),
-                    d.routing_key.as_str(),
-                    &inner.config.topic_exchange,
-                );
-                if tx.send(decoded.message).is_err() {
-                    break;
-                }
+            tokio::select! {
+                _ = tx.closed() => {}
+                _ = closed.wait_for(|c| *c) => {}
+                _ = ended.notified() => {}
             }
-            if forwarding.status().connected() {
-                let _ = forwarding.close(200, "replies done".into()).await;
+            if watched.status().connected() {
+                let _ = watched.close(200, "replies done".into()).await;
             }
         });
         *lock(&self.channel) = Some(ch.clone());
@@ -171,7 +223,15 @@ impl RabbitDirectReply {
                     )
                     .await
                     .map_err(SendFail::classify)?;
-                check(confirm.await, outgoing.queue.as_ref(), None)
+                let (tx, rx) = oneshot::channel();
+                let confirmation = match self.confirms.send((confirm, tx)) {
+                    Ok(()) => rx
+                        .await
+                        .map_err(|_| SendFail::Final(PublishError::Closed))?,
+                    // Not reached while `self` lives; awaited here if it is.
+                    Err(mpsc::error::SendError((confirm, _))) => confirm.await,
+                };
+                check(confirmation, outgoing.queue.as_ref(), None)
             };
             match sent.await {
                 Ok(()) => return Ok(()),

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
 use busway_core::{
-    ConsumeOptions, DeclareError, Delivery, DeliveryStream, Message, Publish, QueueName, QueueSpec,
-    Transport,
+    ConsumeOptions, DeclareError, Delivery, DeliveryStream, Message, Publish, PublishError,
+    QueueName, QueueSpec, Transport,
 };
 use busway_rabbitmq::{RabbitMqConfig, RabbitMqTransport};
 use futures::StreamExt;
@@ -105,6 +105,80 @@ async fn reference_queue_conflict_names_both_argument_sets() -> anyhow::Result<(
     other
         .publish(Publish::to_queue(q.clone(), Message::new("x", "y")))
         .await?;
+    Ok(())
+}
+
+/// Direct reply-to: a request to a queue nobody declared is refused by
+/// name (the broker returns it), and requests to a live queue are each
+/// confirmed and answered on the reply stream, by correlation id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_reply_requests_are_refused_or_answered() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let Some(url) = support::amqp_url()? else {
+        return Ok(());
+    };
+    let t = RabbitMqTransport::connect(&url).await?;
+    let direct = t
+        .direct_replies()
+        .await?
+        .context("RabbitMQ has direct reply-to")?;
+    let reply_to = direct.channel.reply_to().to_owned();
+    let missing = unique("direct_missing")?;
+    let refused = direct
+        .channel
+        .send(Publish::to_queue(
+            missing.clone(),
+            Message::new("req", "x").with_reply_to(reply_to.clone()),
+        ))
+        .await;
+    ensure!(
+        matches!(&refused, Err(PublishError::QueueNotFound(q)) if *q == missing),
+        "expected the request to be refused by name, got {refused:?}"
+    );
+    let q = unique("direct")?;
+    t.declare_queue(&QueueSpec::new(q.clone()).with_durable(false))
+        .await?;
+    let mut requests = t.consume(&q, ConsumeOptions::with_prefetch(32)).await?;
+    let n = 20;
+    for i in 0..n {
+        direct
+            .channel
+            .send(Publish::to_queue(
+                q.clone(),
+                Message::new("req", i.to_string())
+                    .with_reply_to(reply_to.clone())
+                    .with_correlation_id(i.to_string()),
+            ))
+            .await?;
+    }
+    for _ in 0..n {
+        let d = next(&mut requests).await?;
+        let address = d.message().reply_to.clone().context("no reply_to")?;
+        let reply = Message::new("resp", text(&d))
+            .with_correlation_id(d.message().correlation_id.clone().context("no id")?);
+        t.publish(Publish::to_queue(
+            QueueName::reply_address(&address)?,
+            reply,
+        ))
+        .await?;
+        d.ack().await?;
+    }
+    let mut replies = direct.replies;
+    let mut answered = HashSet::new();
+    for _ in 0..n {
+        let reply = tokio::time::timeout(Duration::from_secs(30), replies.next())
+            .await
+            .context("no reply in time")?
+            .context("the reply stream ended")?;
+        let body = String::from_utf8_lossy(&reply.payload).into_owned();
+        ensure!(
+            reply.correlation_id.as_deref() == Some(body.as_str()),
+            "reply {body} came with correlation id {:?}",
+            reply.correlation_id
+        );
+        answered.insert(body);
+    }
+    ensure!(answered.len() == n, "replies: {answered:?}");
     Ok(())
 }
 

@@ -8,77 +8,14 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
+use busway_conformance::tls::{check_certificate_refusal, tls_relay, CaFile, TestPki};
 use busway_core::{ConsumeOptions, Message, Publish, QueueName, QueueSpec, Transport};
 use busway_rabbitmq::{RabbitMqConfig, RabbitMqTransport};
 use futures::StreamExt;
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::rustls;
-
-/// A CA and a server certificate for `localhost` signed by it.
-struct Pki {
-    ca_pem: String,
-    server: rustls::ServerConfig,
-}
-
-fn pki() -> anyhow::Result<Pki> {
-    let ca_key = rcgen::KeyPair::generate()?;
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "busway test CA");
-    let ca_cert = ca_params.self_signed(&ca_key)?;
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let server_key = rcgen::KeyPair::generate()?;
-    let server_cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])?
-        .signed_by(&server_key, &issuer)?;
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(server_key.serialize_der().into());
-    let server = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_single_cert(vec![server_cert.der().clone()], key)?;
-    Ok(Pki {
-        ca_pem: ca_cert.pem(),
-        server,
-    })
-}
-
-/// A TLS server on a free local port relaying each connection to the
-/// broker; counts the TLS handshakes that completed.
-async fn tls_relay(
-    server: rustls::ServerConfig,
-    broker: String,
-) -> anyhow::Result<(u16, Arc<AtomicUsize>)> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
-    let handshakes = Arc::new(AtomicUsize::new(0));
-    let counted = handshakes.clone();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            let broker = broker.clone();
-            let counted = counted.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(client).await else {
-                    return;
-                };
-                counted.fetch_add(1, Ordering::SeqCst);
-                if let Ok(mut upstream) = TcpStream::connect(&broker).await {
-                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
-                }
-            });
-        }
-    });
-    Ok((port, handshakes))
-}
 
 /// `host:port` of the plain AMQP broker, and its user and password.
 fn broker(url: &str) -> anyhow::Result<(String, String, String)> {
@@ -128,7 +65,7 @@ async fn amqps_with_a_private_ca_from_the_config_or_the_url() -> anyhow::Result<
         return Ok(());
     };
     let (address, user, password) = broker(&url)?;
-    let pki = pki()?;
+    let pki = TestPki::generate()?;
     let (port, handshakes) = tls_relay(pki.server, address).await?;
     let amqps = format!("amqps://{user}:{password}@localhost:{port}/%2f");
 
@@ -140,11 +77,10 @@ async fn amqps_with_a_private_ca_from_the_config_or_the_url() -> anyhow::Result<
     let after_config = handshakes.load(Ordering::SeqCst);
     ensure!(after_config >= 1, "no TLS handshake reached the relay");
 
-    let ca_file = std::env::temp_dir().join(format!("busway-test-ca-{}.pem", uuid::Uuid::new_v4()));
-    std::fs::write(&ca_file, &pki.ca_pem)?;
-    let with_file = format!("{amqps}?tls_ca={}", ca_file.display());
+    let ca_file = CaFile::write(&pki.ca_pem)?;
+    let with_file = format!("{amqps}?tls_ca={}", ca_file.path().display());
     let connected = RabbitMqTransport::connect(&with_file).await;
-    std::fs::remove_file(&ca_file)?;
+    drop(ca_file);
     let connected = connected.context("connecting over TLS with tls_ca= in the URL")?;
     round_trip(&connected, &url).await?;
     ensure!(
@@ -160,7 +96,7 @@ async fn an_untrusted_certificate_is_refused_naming_the_host() -> anyhow::Result
         return Ok(());
     };
     let (address, user, _) = broker(&url)?;
-    let pki = pki()?;
+    let pki = TestPki::generate()?;
     let (port, handshakes) = tls_relay(pki.server, address).await?;
     let password = "s3cret-not-for-logs";
     let amqps = format!("amqps://{user}:{password}@localhost:{port}/%2f");
@@ -168,24 +104,7 @@ async fn an_untrusted_certificate_is_refused_naming_the_host() -> anyhow::Result
     let Err(error) = RabbitMqTransport::connect_with(&amqps, config).await else {
         bail!("connected although the broker's certificate is signed by an unknown CA");
     };
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(&error);
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    ensure!(
-        text.contains("localhost"),
-        "the error does not name the host: {text}"
-    );
-    ensure!(
-        !text.contains(password),
-        "the error shows the password: {text}"
-    );
-    ensure!(
-        text.to_lowercase().contains("certificate") || text.contains("UnknownIssuer"),
-        "the error does not say the certificate is the problem: {text}"
-    );
+    check_certificate_refusal(&error, "localhost", password)?;
     ensure!(
         handshakes.load(Ordering::SeqCst) == 0,
         "a handshake completed with an untrusted certificate"

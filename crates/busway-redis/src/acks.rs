@@ -37,7 +37,8 @@ pub(crate) struct AckBatcher {
 }
 
 impl AckBatcher {
-    /// Starts the batching task on `conn` (a multiplexed connection).
+    /// Starts the batching task on `conn` (a multiplexed connection that
+    /// carries no other traffic, so acks never queue behind publishes).
     pub(crate) fn spawn(conn: ConnectionManager) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(run(conn, rx));
@@ -73,6 +74,15 @@ fn stopped() -> RedisError {
 async fn run(conn: ConnectionManager, mut rx: mpsc::UnboundedReceiver<Ack>) {
     let mut queued = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut queued, MAX_BATCH).await > 0 {
+        // Acks come in bursts (a consumer acks what it was handed
+        // together): let the rest of the burst arrive before sending.
+        tokio::task::yield_now().await;
+        while queued.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(ack) => queued.push(ack),
+                Err(_) => break,
+            }
+        }
         // One script call per stream, all on their way at once.
         let mut by_stream: Vec<(Arc<str>, Vec<Ack>)> = Vec::new();
         for ack in queued.drain(..) {

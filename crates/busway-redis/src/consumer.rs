@@ -181,7 +181,7 @@ impl Consumer {
             }
             inv.arg(GROUP).arg(&self.name).arg(n);
             let value: Value = inv.invoke_async(&mut self.reader).await?;
-            let entries = parse_flat(&value);
+            let entries = parse_flat(value);
             if !entries.is_empty() {
                 return Ok(entries);
             }
@@ -204,7 +204,7 @@ impl Consumer {
             cmd.arg(">");
         }
         let value: Value = cmd.query_async(&mut self.reader).await?;
-        Ok(parse_xread(&value))
+        Ok(parse_xread(value))
     }
 
     /// After a failed read: declare the queue again if the server lost it,
@@ -255,13 +255,10 @@ impl Consumer {
                 .arg(&held)
                 .query_async(&mut conn)
                 .await;
-            if let Ok(Value::Array(entries)) = claimed {
+            if let Ok(claimed) = claimed {
                 let stream: Arc<str> = Arc::from(stream.as_str());
-                let entries: Vec<Entry> = entries
-                    .iter()
-                    .filter_map(|e| parse_entry(&stream, e))
-                    .collect();
-                self.give_back(entries.into_iter()).await;
+                self.give_back(parse_entries(&stream, claimed).into_iter())
+                    .await;
             }
         }
     }
@@ -315,9 +312,10 @@ impl Consumer {
             return None;
         }
         let attempt = entry.attempts + 1;
+        let key = (entry.stream, entry.id);
         if let Ok(mut map) = self.inner.in_flight.lock() {
             map.insert(
-                (entry.stream.clone(), entry.id.clone()),
+                key.clone(),
                 InFlight {
                     queue: self.queue.clone(),
                     consumer: self.name.clone(),
@@ -329,8 +327,7 @@ impl Consumer {
         let acker = RedisAcker {
             inner: self.inner.clone(),
             queue: self.queue.clone(),
-            stream: entry.stream,
-            id: entry.id,
+            key,
             blob,
             attempts: entry.attempts,
             _permit: permit,
@@ -443,11 +440,8 @@ async fn reap(
             .query_async(conn)
             .await;
         let entries = match claimed {
-            Ok(Value::Array(parts)) => match parts.get(1) {
-                Some(Value::Array(entries)) => entries
-                    .iter()
-                    .filter_map(|e| parse_entry(&stream, e))
-                    .collect::<Vec<_>>(),
+            Ok(Value::Array(parts)) => match parts.into_iter().nth(1) {
+                Some(entries @ Value::Array(_)) => parse_entries(&stream, entries),
                 _ => continue,
             },
             Ok(_) => continue,
@@ -618,8 +612,8 @@ async fn dead_letter(
 struct RedisAcker {
     inner: Arc<Inner>,
     queue: Arc<QueueInfo>,
-    stream: Arc<str>,
-    id: String,
+    /// The stream and the entry id.
+    key: (Arc<str>, String),
     blob: Bytes,
     attempts: u32,
     _permit: OwnedSemaphorePermit,
@@ -630,7 +624,7 @@ impl RedisAcker {
         self.inner
             .in_flight
             .lock()
-            .map(|mut m| m.remove(&(self.stream.clone(), self.id.clone())).is_some())
+            .map(|mut m| m.remove(&self.key).is_some())
             .unwrap_or(false)
     }
 
@@ -641,18 +635,19 @@ impl RedisAcker {
         self.forget();
         let inner = &self.inner;
         let attempt = self.attempts + 1;
+        let (stream, id) = (&self.key.0, &self.key.1);
         let done = match settlement {
             Settlement::Ack => inner
                 .acks
-                .ack(self.stream.clone(), self.id.clone())
+                .ack(stream.clone(), id.clone())
                 .await
                 .map_err(backend::<SettleError>)?,
             Settlement::Nack { retry_after } => {
                 nack(
                     inner,
                     &self.queue,
-                    &self.stream,
-                    &self.id,
+                    stream,
+                    id,
                     &self.blob,
                     attempt,
                     retry_after,
@@ -661,7 +656,7 @@ impl RedisAcker {
             }
             Settlement::DeadLetter { reason } => {
                 if self.queue.spec.dead_letter.is_none() {
-                    requeue(inner, &self.stream, &self.id, &self.blob, attempt)
+                    requeue(inner, stream, id, &self.blob, attempt)
                         .await
                         .map_err(backend::<SettleError>)?;
                     return Err(SettleError::NoDeadLetterQueue(self.queue.name.clone()));
@@ -672,8 +667,8 @@ impl RedisAcker {
                 dead_letter(
                     inner,
                     &self.queue,
-                    &self.stream,
-                    &self.id,
+                    stream,
+                    id,
                     message,
                     topic.as_ref(),
                     &reason,
@@ -703,7 +698,8 @@ impl Acker for RedisAcker {
         // its way (as the other backends free the slot once the ack is sent).
         let this = *self;
         this.forget();
-        let acked = this.inner.acks.ack(this.stream, this.id);
+        let (stream, id) = this.key;
+        let acked = this.inner.acks.ack(stream, id);
         drop(this._permit);
         Box::pin(async move {
             match acked.await {
@@ -724,7 +720,8 @@ impl Acker for RedisAcker {
         };
         runtime.spawn(async move {
             let attempt = self.attempts + 1;
-            if let Err(e) = nack(&self.inner, &self.queue, &self.stream, &self.id, &self.blob, attempt, None).await {
+            let (stream, id) = (&self.key.0, &self.key.1);
+            if let Err(e) = nack(&self.inner, &self.queue, stream, id, &self.blob, attempt, None).await {
                 tracing::warn!(queue = %self.queue.name, error = %e, "returning a dropped delivery failed; its lease will expire");
             }
         });
@@ -739,73 +736,115 @@ fn as_string(v: &Value) -> Option<String> {
     }
 }
 
-fn as_bytes(v: &Value) -> Option<Bytes> {
+fn into_string(v: Value) -> Option<String> {
     match v {
-        Value::BulkString(b) => Some(Bytes::copy_from_slice(b)),
-        Value::SimpleString(s) => Some(Bytes::copy_from_slice(s.as_bytes())),
+        Value::BulkString(b) => String::from_utf8(b).ok(),
+        Value::SimpleString(s) => Some(s),
         _ => None,
     }
 }
 
+/// The bytes of a string reply, taken over without a copy.
+fn into_bytes(v: Value) -> Option<Bytes> {
+    match v {
+        Value::BulkString(b) => Some(Bytes::from(b)),
+        Value::SimpleString(s) => Some(Bytes::from(s.into_bytes())),
+        _ => None,
+    }
+}
+
+/// Whether a field name reply is `name`.
+fn is_field(v: &Value, name: &str) -> bool {
+    match v {
+        Value::BulkString(b) => b == name.as_bytes(),
+        Value::SimpleString(s) => s == name,
+        _ => false,
+    }
+}
+
 /// Parses `[id, [field, value, ...]]`.
-fn parse_entry(stream: &Arc<str>, v: &Value) -> Option<Entry> {
+fn parse_entry(stream: &Arc<str>, v: Value) -> Option<Entry> {
     let Value::Array(parts) = v else { return None };
-    let id = parts.first().and_then(as_string)?;
+    let mut parts = parts.into_iter();
+    let id = parts.next().and_then(into_string)?;
+    Some(parse_fields(stream, id, parts.next()))
+}
+
+/// Reads the fields of an entry: `m` (the envelope) and `a` (attempts).
+fn parse_fields(stream: &Arc<str>, id: String, fields: Option<Value>) -> Entry {
     let mut blob = None;
     let mut attempts = 0;
-    if let Some(Value::Array(fields)) = parts.get(1) {
-        for pair in fields.chunks(2) {
-            match (pair.first().and_then(as_string).as_deref(), pair.get(1)) {
-                (Some("m"), Some(v)) => blob = as_bytes(v),
-                (Some("a"), Some(v)) => {
-                    attempts = as_string(v).and_then(|s| s.parse().ok()).unwrap_or(0);
-                }
-                _ => {}
+    if let Some(Value::Array(fields)) = fields {
+        let mut fields = fields.into_iter();
+        while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+            if is_field(&name, "m") {
+                blob = into_bytes(value);
+            } else if is_field(&name, "a") {
+                attempts = into_string(value).and_then(|s| s.parse().ok()).unwrap_or(0);
             }
         }
     }
-    Some(Entry {
+    Entry {
         stream: stream.clone(),
         id,
         blob,
         attempts,
-    })
+    }
+}
+
+/// Parses the entries of a reply that lists them: `[entry, ...]`.
+fn parse_entries(stream: &Arc<str>, v: Value) -> Vec<Entry> {
+    match v {
+        Value::Array(entries) => entries
+            .into_iter()
+            .filter_map(|e| parse_entry(stream, e))
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// Parses an `XREADGROUP` reply: `[[stream, [entry, ...]], ...]`.
-fn parse_xread(v: &Value) -> Vec<Entry> {
-    let mut out = Vec::new();
-    let streams: Vec<(&Value, &Value)> = match v {
+fn parse_xread(v: Value) -> Vec<Entry> {
+    let streams: Vec<(Value, Value)> = match v {
         Value::Array(s) => s
-            .iter()
+            .into_iter()
             .filter_map(|s| match s {
-                Value::Array(kv) if kv.len() == 2 => Some((&kv[0], &kv[1])),
+                Value::Array(kv) if kv.len() == 2 => {
+                    let mut kv = kv.into_iter();
+                    Some((kv.next()?, kv.next()?))
+                }
                 _ => None,
             })
             .collect(),
-        Value::Map(m) => m.iter().map(|(k, v)| (k, v)).collect(),
+        Value::Map(m) => m,
         _ => Vec::new(),
     };
+    let mut out = Vec::new();
     for (key, entries) in streams {
-        let Some(key) = as_string(key) else { continue };
+        let Some(key) = into_string(key) else {
+            continue;
+        };
         let key: Arc<str> = Arc::from(key);
         if let Value::Array(entries) = entries {
-            out.extend(entries.iter().filter_map(|e| parse_entry(&key, e)));
+            out.reserve(entries.len());
+            out.extend(entries.into_iter().filter_map(|e| parse_entry(&key, e)));
         }
     }
     out
 }
 
 /// Parses the priority script's reply: `[[stream, id, [field, value, ...]], ...]`.
-fn parse_flat(v: &Value) -> Vec<Entry> {
+fn parse_flat(v: Value) -> Vec<Entry> {
     let Value::Array(rows) = v else {
         return Vec::new();
     };
-    rows.iter()
+    rows.into_iter()
         .filter_map(|r| match r {
             Value::Array(parts) if parts.len() == 3 => {
-                let stream: Arc<str> = Arc::from(as_string(&parts[0])?);
-                parse_entry(&stream, &Value::Array(parts[1..].to_vec()))
+                let mut parts = parts.into_iter();
+                let stream: Arc<str> = Arc::from(into_string(parts.next()?)?);
+                let id = into_string(parts.next()?)?;
+                Some(parse_fields(&stream, id, parts.next()))
             }
             _ => None,
         })

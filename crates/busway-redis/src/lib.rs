@@ -50,6 +50,15 @@
 //! [`Support::Native`] when AOF or RDB is on, [`Support::Unsupported`]
 //! when neither is.
 //!
+//! # TLS
+//!
+//! `rediss://` speaks TLS with rustls (the ring provider, as the other
+//! backends). The server's certificate is checked against the system's
+//! roots, or only against the certificates given with `tls_ca=/path/ca.pem`
+//! in the URL or [`RedisConfig::with_tls_ca_pem`]. A certificate that
+//! cannot be verified fails [`RedisTransport::connect`] with an error
+//! naming the host, never the password.
+//!
 //! # Recovery
 //!
 //! The connection manager reconnects by itself after the server drops the

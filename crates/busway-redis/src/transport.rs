@@ -307,10 +307,26 @@ impl RedisTransport {
             retryable: retryable(&source),
             source: Box::new(source),
         };
-        let client = redis::Client::open(url).map_err(|e| ConnectError::InvalidUrl {
+        let invalid = |reason: String| ConnectError::InvalidUrl {
             url: location.clone(),
-            reason: e.to_string(),
-        })?;
+            reason,
+        };
+        let client = match &config.tls_ca_pem {
+            None => redis::Client::open(url),
+            Some(_) if !url.starts_with("rediss://") => {
+                return Err(invalid(
+                    "a CA to trust (tls_ca) needs a `rediss://` URL".to_owned(),
+                ));
+            }
+            Some(pem) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.as_bytes().to_vec()),
+                },
+            ),
+        }
+        .map_err(|e| invalid(e.to_string()))?;
         let conn = ConnectionManager::new_with_config(client.clone(), manager_config(None))
             .await
             .map_err(fail)?;
@@ -334,6 +350,12 @@ impl RedisTransport {
         let after = unix_millis(SystemTime::now());
         let clock_offset_ms = secs * 1000 + micros / 1000 - (before + after) / 2;
         let persistence = persistence(&mut probe).await;
+        // Acks on a connection of their own: behind a burst of publishes on
+        // the shared one, they would wait for every publish queued before
+        // them, and consumers waiting on their acks with them.
+        let ack_conn = ConnectionManager::new_with_config(client.clone(), manager_config(None))
+            .await
+            .map_err(fail)?;
         let (close_tx, _) = watch::channel(false);
         let inner = Arc::new(Inner {
             client,
@@ -346,7 +368,7 @@ impl RedisTransport {
             closed: AtomicBool::new(false),
             close_tx,
             in_flight: Mutex::new(HashMap::new()),
-            acks: AckBatcher::spawn(conn.clone()),
+            acks: AckBatcher::spawn(ack_conn),
             tasks: Mutex::new(Vec::new()),
             clock_offset_ms,
         });
@@ -554,7 +576,7 @@ impl Transport for RedisTransport {
         }
         // Length limits.
         let mut per_queue: HashMap<QueueName, (Arc<QueueInfo>, u64)> = HashMap::new();
-        for (info, _) in &targets {
+        for (info, _) in targets.iter().filter(|(i, _)| i.spec.max_length.is_some()) {
             per_queue
                 .entry(info.name.clone())
                 .or_insert_with(|| (info.clone(), 0))
@@ -572,40 +594,23 @@ impl Transport for RedisTransport {
             }
         }
         let now = SystemTime::now();
-        let mut pipe = redis::pipe();
-        // Several entries go in all or none; a single one needs no MULTI.
-        if targets.len() > 1 {
-            pipe.atomic();
-        }
-        for (info, i) in &targets {
-            let p = &batch[*i];
-            let topic = match &p.destination {
-                Destination::Topic(t) => Some(t),
-                Destination::Queue(_) => None,
-            };
-            let blob = encode_for(&p.message, topic, info, now)?;
-            let level = info.level(p.message.priority.get());
-            match p.delay.filter(|d| !d.is_zero()) {
-                None => {
-                    pipe.cmd("XADD")
-                        .arg(&info.streams[level])
-                        .arg("*")
-                        .arg("m")
-                        .arg(&blob[..])
-                        .arg("a")
-                        .arg(0)
-                        .ignore();
-                }
-                Some(delay) => {
-                    let due = inner.server_now_ms()
-                        + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 4)
-                        + 1;
-                    let member = delayed_member(level, 0, &blob);
-                    pipe.zadd(&info.delayed, member, due).ignore();
-                }
-            }
-        }
         let mut conn = inner.conn.clone();
+        if let [(info, i)] = targets.as_slice() {
+            // One entry: a command on its own, no pipeline around it.
+            let cmd = entry_command(inner, &batch[*i], info, now)?;
+            return cmd
+                .query_async::<redis::Value>(&mut conn)
+                .await
+                .map(drop)
+                .map_err(backend::<PublishError>);
+        }
+        let mut pipe = redis::pipe();
+        // Several entries go in all or none.
+        pipe.atomic();
+        for (info, i) in &targets {
+            pipe.add_command(entry_command(inner, &batch[*i], info, now)?)
+                .ignore();
+        }
         pipe.query_async::<()>(&mut conn)
             .await
             .map_err(backend::<PublishError>)?;
@@ -738,26 +743,58 @@ impl Transport for RedisTransport {
     }
 }
 
-/// Encodes `message` for `info`, applying the queue's TTL.
-fn encode_for(
-    message: &Message,
-    topic: Option<&Topic>,
+/// The command storing `p` in `info`: an `XADD` to the stream of its
+/// priority, or a `ZADD` to the delayed set. The envelope is encoded
+/// straight into the command's buffer.
+fn entry_command(
+    inner: &Inner,
+    p: &Publish,
     info: &QueueInfo,
     now: SystemTime,
-) -> Result<Bytes, PublishError> {
-    let expires_at = match (message.expires_at, info.spec.message_ttl) {
+) -> Result<redis::Cmd, PublishError> {
+    let topic = match &p.destination {
+        Destination::Topic(t) => Some(t),
+        Destination::Queue(_) => None,
+    };
+    let message = &p.message;
+    let expires_at = expiry(message, info, now);
+    let level = info.level(message.priority.get());
+    let invalid = |e: busway_core::CodecError| PublishError::InvalidMessage(e.to_string());
+    match p.delay.filter(|d| !d.is_zero()) {
+        None => {
+            let mut cmd = redis::cmd("XADD");
+            cmd.arg(&info.streams[level]).arg("*").arg("m");
+            envelope::encode_into(
+                redis::RedisWrite::writer_for_next_arg(&mut cmd),
+                message,
+                topic,
+                expires_at,
+            )
+            .map_err(invalid)?;
+            cmd.arg("a").arg(0);
+            Ok(cmd)
+        }
+        Some(delay) => {
+            let due = inner.server_now_ms()
+                + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 4)
+                + 1;
+            let blob = envelope::encode_with_expiry(message, topic, expires_at).map_err(invalid)?;
+            let mut cmd = redis::cmd("ZADD");
+            cmd.arg(&info.delayed)
+                .arg(due)
+                .arg(delayed_member(level, 0, &blob));
+            Ok(cmd)
+        }
+    }
+}
+
+/// When `message` expires in `info`: the earlier of its own expiry and the queue's TTL.
+fn expiry(message: &Message, info: &QueueInfo, now: SystemTime) -> Option<SystemTime> {
+    match (message.expires_at, info.spec.message_ttl) {
         (at, None) => at,
         (None, Some(ttl)) => Some(now + ttl),
         (Some(at), Some(ttl)) => Some(at.min(now + ttl)),
-    };
-    let result = if expires_at == message.expires_at {
-        envelope::encode(message, topic)
-    } else {
-        let mut m = message.clone();
-        m.expires_at = expires_at;
-        envelope::encode(&m, topic)
-    };
-    result.map_err(|e| PublishError::InvalidMessage(e.to_string()))
+    }
 }
 
 /// A delayed-set member: `{level}|{attempts}|{token}|{blob}`.

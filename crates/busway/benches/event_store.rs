@@ -13,8 +13,10 @@
 //! the same run: plain sqlx `INSERT`s of the same rows (one statement per
 //! append, `unnest` for 10 rows) into a table with the same keys, by the
 //! same 16 writers on the same pool, printed with the ratio (target: the
-//! store at ≥ 0.8× the raw inserts); then a catch-up over 100,000 events
-//! (`BUSWAY_BENCH_PROJECTION_EVENTS`).
+//! store at ≥ 0.8× the raw inserts). The two take turns in slices (raw,
+//! store, store, raw, ...: `BUSWAY_BENCH_ROUNDS` rounds of two slices, 4
+//! by default), each writing for the whole duration in all. Then a
+//! catch-up over 100,000 events (`BUSWAY_BENCH_PROJECTION_EVENTS`).
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -259,9 +261,26 @@ async fn postgres(url: &str, duration: Duration) {
         .expect("synchronous_commit");
     println!("postgres synchronous_commit = {synchronous_commit}, schema {schema}");
     let store: Arc<dyn EventStore> = Arc::new(store);
+    // The two take turns in short slices, in the order raw, store, store,
+    // raw, ... (ABBA), so drifts of the server (checkpoints, autovacuum,
+    // other load on the machine) weigh on both alike.
+    let rounds = env_usize("BUSWAY_BENCH_ROUNDS", 4).max(1);
+    let slice = duration / u32::try_from(rounds).unwrap_or(1);
     for batch in [1, 10] {
-        let (raw_n, raw_secs) = raw_inserts(pool.clone(), batch, duration).await;
-        let (n, secs) = appends(store.clone(), batch, duration).await;
+        let (mut raw_n, mut raw_secs, mut n, mut secs) = (0, 0.0, 0, 0.0);
+        for round in 0..rounds {
+            for raw in [round % 2 == 0, round % 2 != 0] {
+                if raw {
+                    let (done, took) = raw_inserts(pool.clone(), batch, slice).await;
+                    raw_n += done;
+                    raw_secs += took;
+                } else {
+                    let (done, took) = appends(store.clone(), batch, slice).await;
+                    n += done;
+                    secs += took;
+                }
+            }
+        }
         let raw_rate = (raw_n * batch as u64) as f64 / raw_secs;
         let rate = (n * batch as u64) as f64 / secs;
         println!(

@@ -43,6 +43,7 @@ mod handler;
 pub mod health;
 pub mod metrics;
 pub mod middleware;
+mod params;
 #[cfg(feature = "protect")]
 pub mod protection;
 pub mod pubsub;

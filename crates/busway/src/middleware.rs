@@ -66,8 +66,9 @@ impl Retryable for RpcError {
     }
 }
 
-/// What a task handler's layers receive: the task's `params` as JSON, its type in `kind`.
-pub type TaskRequest = Envelope<Value>;
+/// What a task handler's layers receive: the task's `params` as JSON
+/// (shared, so the retry layer's copies are cheap), its type in `kind`.
+pub type TaskRequest = Envelope<Arc<Value>>;
 /// What an event handler's layers receive: the whole event.
 pub type EventRequest = Envelope<Event<Value>>;
 /// What a request handler's layers receive: the request's `params` as JSON, the method in `kind`.

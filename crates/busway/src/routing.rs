@@ -215,6 +215,12 @@ impl RouteBody for Event<Value> {
     }
 }
 
+impl<B: RouteBody + ?Sized> RouteBody for std::sync::Arc<B> {
+    fn route_body(&self) -> &Value {
+        (**self).route_body()
+    }
+}
+
 impl<S, R: Clone> Layer<S> for ContentRouter<R> {
     type Service = Routed<S, R>;
     fn layer(&self, inner: S) -> Routed<S, R> {

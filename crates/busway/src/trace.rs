@@ -61,7 +61,7 @@ pub(crate) fn publish_span(destination: &str, message: &Message) -> Span {
     tracing::info_span!(
         target: "busway",
         "publish",
-        otel.name = format!("publish {destination}"),
+        otel.name = %format_args!("publish {destination}"),
         otel.kind = "producer",
         messaging.system = MESSAGING_SYSTEM,
         messaging.operation = "publish",
@@ -85,7 +85,7 @@ pub(crate) fn consume_span(
     let span = tracing::info_span!(
         target: "busway",
         "consume",
-        otel.name = format!("process {destination}"),
+        otel.name = %format_args!("process {destination}"),
         otel.kind = "consumer",
         otel.status_code = Empty,
         messaging.system = MESSAGING_SYSTEM,
@@ -107,7 +107,7 @@ pub(crate) fn handle_span(what: &'static str, name: &str) -> Span {
     tracing::info_span!(
         target: "busway",
         "handle",
-        otel.name = format!("handle {what} {name}"),
+        otel.name = %format_args!("handle {what} {name}"),
         otel.status_code = Empty,
         handler = what,
         kind = name,
@@ -119,7 +119,7 @@ pub(crate) fn rpc_call_span(service: &str, method: &str, queue: &str, request: &
     tracing::info_span!(
         target: "busway",
         "rpc.call",
-        otel.name = format!("{service}/{method}"),
+        otel.name = %format_args!("{service}/{method}"),
         otel.kind = "client",
         otel.status_code = Empty,
         rpc.system = MESSAGING_SYSTEM,
@@ -168,7 +168,7 @@ pub(crate) fn saga_span(saga_id: &str, saga: &str) -> Span {
     tracing::info_span!(
         target: "busway",
         "saga",
-        otel.name = format!("saga {saga}"),
+        otel.name = %format_args!("saga {saga}"),
         saga.id = saga_id,
         saga.name = saga,
     )
@@ -186,7 +186,7 @@ pub(crate) fn saga_step_span(
     tracing::info_span!(
         target: "busway",
         "saga.step",
-        otel.name = format!("saga {saga} {step} {phase}"),
+        otel.name = %format_args!("saga {saga} {step} {phase}"),
         otel.status_code = Empty,
         saga.id = saga_id,
         saga.name = saga,

@@ -25,6 +25,27 @@ fn unique(prefix: &str) -> String {
 }
 
 /// The process's recorder, installed once, and the turn of the calling test.
+/// Registers `flaky` (fails its first call, then succeeds) and `bad`
+/// (always fails permanently) on `tasks`; returns the count of `flaky` calls.
+fn register_flaky_and_bad(tasks: &busway::tasks::TaskQueue) -> Arc<AtomicU32> {
+    let calls = Arc::new(AtomicU32::new(0));
+    let counted = calls.clone();
+    tasks.register_handler("flaky", move |_: serde_json::Value| {
+        let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
+        async move {
+            if first {
+                Err(HandlerError::new("not yet"))
+            } else {
+                Ok(())
+            }
+        }
+    });
+    tasks.register_handler("bad", |_: serde_json::Value| async {
+        Err::<(), _>(HandlerError::permanent("never"))
+    });
+    calls
+}
+
 async fn serial() -> (MutexGuard<'static, ()>, &'static Snapshotter) {
     static TURN: Mutex<()> = Mutex::const_new(());
     static SNAPSHOTTER: OnceLock<Snapshotter> = OnceLock::new();
@@ -128,23 +149,7 @@ async fn task_counts(
     let bus = Bus::new(transport.clone());
     let tasks = bus.task_queue(&queue)?;
     tasks.register_handler("ok", |_: serde_json::Value| async { Ok(()) });
-    let flaky_calls = Arc::new(AtomicU32::new(0));
-    {
-        let calls = flaky_calls.clone();
-        tasks.register_handler("flaky", move |_: serde_json::Value| {
-            let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
-            async move {
-                if first {
-                    Err(HandlerError::new("not yet"))
-                } else {
-                    Ok(())
-                }
-            }
-        });
-    }
-    tasks.register_handler("bad", |_: serde_json::Value| async {
-        Err::<(), _>(HandlerError::permanent("never"))
-    });
+    register_flaky_and_bad(&tasks);
     tasks
         .start_workers()
         .workers(1)
@@ -493,23 +498,7 @@ async fn every_pattern() -> anyhow::Result<()> {
     let bus = Bus::new(transport.clone());
     let queue = unique("prom");
     let tasks = bus.task_queue(&queue)?;
-    let flaky = Arc::new(AtomicU32::new(0));
-    {
-        let flaky = flaky.clone();
-        tasks.register_handler("flaky", move |_: serde_json::Value| {
-            let first = flaky.fetch_add(1, Ordering::SeqCst) == 0;
-            async move {
-                if first {
-                    Err(HandlerError::new("not yet"))
-                } else {
-                    Ok(())
-                }
-            }
-        });
-    }
-    tasks.register_handler("bad", |_: serde_json::Value| async {
-        Err::<(), _>(HandlerError::permanent("never"))
-    });
+    let flaky = register_flaky_and_bad(&tasks);
     tasks
         .start_workers()
         .workers(1)

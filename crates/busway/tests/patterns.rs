@@ -400,6 +400,46 @@ async fn task_unknown_type_and_malformed_to_dead_letter(t: T) -> anyhow::Result<
     Ok(())
 }
 
+/// Params whose decoding panics: the task is retried and dead-lettered
+/// like one whose handler panics, and the worker keeps serving.
+struct PanickyParams;
+
+impl<'de> serde::Deserialize<'de> for PanickyParams {
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        panic!("params decoder blew up")
+    }
+}
+
+async fn task_params_decoding_panic_to_dead_letter(t: T) -> anyhow::Result<()> {
+    let bus = Bus::new(t.clone());
+    let tasks = bus.task_queue(&unique("panicky"))?;
+    tasks.register_handler("panicky", |_: PanickyParams| async move { Ok(()) });
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    tasks.register_handler("fine", move |n: u32| {
+        let _ = done_tx.send(n);
+        async move { Ok(()) }
+    });
+    tasks
+        .start_workers()
+        .workers(1)
+        .retry(fast_retry(2))
+        .await?;
+    tasks.submit("panicky", &serde_json::json!({})).await?;
+    let dead = next_dead_letter(&t, tasks.name()).await?;
+    let reason = dead.message().headers.get(DEAD_LETTER_REASON).unwrap_or("");
+    ensure!(
+        reason.contains("panicked") && reason.contains("params decoder blew up"),
+        "{reason}"
+    );
+    dead.ack().await?;
+    ensure!(bus.stats().panics == 2, "{:?}", bus.stats());
+    tasks.submit("fine", &7u32).await?;
+    let n = tokio::time::timeout(PATIENCE, done_rx.recv()).await?;
+    ensure!(n == Some(7), "{n:?}");
+    bus.shutdown().await;
+    Ok(())
+}
+
 support::on_every_backend!(
     rpc_round_trip,
     rpc_many_in_flight,
@@ -411,4 +451,5 @@ support::on_every_backend!(
     task_delay,
     task_max_attempts_to_dead_letter,
     task_unknown_type_and_malformed_to_dead_letter,
+    task_params_decoding_panic_to_dead_letter,
 );

@@ -57,6 +57,19 @@ fn current_trace() -> TraceId {
 }
 
 /// Waits until a finished span of `trace` is named `name`.
+/// Handles `resize` tasks on `tasks`, reporting the trace each one ran in.
+fn report_resize_traces(tasks: &busway::tasks::TaskQueue) -> mpsc::UnboundedReceiver<TraceId> {
+    let (seen, handled) = mpsc::unbounded_channel();
+    tasks.register_handler("resize", move |_: Value| {
+        let seen = seen.clone();
+        async move {
+            let _ = seen.send(current_trace());
+            Ok(())
+        }
+    });
+    handled
+}
+
 async fn finished_span(trace: TraceId, name: &str) -> anyhow::Result<SpanData> {
     let deadline = Instant::now() + PATIENCE;
     loop {
@@ -264,14 +277,7 @@ async fn a_malformed_traceparent_is_ignored() -> anyhow::Result<()> {
     exporter();
     let bus = Bus::connect("memory://").await?;
     let tasks = bus.task_queue(&unique("untraced"))?;
-    let (seen, mut handled) = mpsc::unbounded_channel();
-    tasks.register_handler("resize", move |_: Value| {
-        let seen = seen.clone();
-        async move {
-            let _ = seen.send(current_trace());
-            Ok(())
-        }
-    });
+    let mut handled = report_resize_traces(&tasks);
     tasks.start_workers().workers(1).await?;
     // Straight to the queue, as a foreign producer would send it.
     let message = Message::json("resize", &json!({"type": "resize", "params": {}}))?
@@ -297,14 +303,7 @@ async fn a_malformed_traceparent_is_ignored() -> anyhow::Result<()> {
 /// A task submitted inside a span is handled in a child of its producer span.
 async fn traced_task(bus: Bus) -> anyhow::Result<()> {
     let tasks = bus.task_queue(&unique("traced_tasks"))?;
-    let (seen, mut handled) = mpsc::unbounded_channel();
-    tasks.register_handler("resize", move |_: Value| {
-        let seen = seen.clone();
-        async move {
-            let _ = seen.send(current_trace());
-            Ok(())
-        }
-    });
+    let mut handled = report_resize_traces(&tasks);
     tasks.start_workers().workers(1).await?;
 
     let upload = tracing::info_span!("upload");

@@ -7,8 +7,7 @@ use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
 use busway_core::{
-    Codec, CodecError, ConsumeOptions, Delivery, Durability, Message, Publish, QueueName,
-    QueueSpec, CONTENT_TYPE_JSON,
+    CodecError, ConsumeOptions, Delivery, Durability, Message, Publish, QueueName, QueueSpec,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -21,6 +20,7 @@ use super::wire::{service_queue, RequestBody, RequestIn, ResponseBody};
 use crate::bus::{lock, Bus, Counters, SetupError};
 use crate::handler::{panic_message, HandlerError};
 use crate::middleware::{Envelope, HandlerLayers, HandlerService, MethodRequest};
+use crate::params::Params;
 
 /// A handler called with the params as JSON (what layers see).
 type ValueMethod =
@@ -47,13 +47,6 @@ struct Request {
     params: Params,
 }
 
-enum Params {
-    /// Where the params' JSON text is in the payload; `None` when the body
-    /// has no `params` (or `null`).
-    Raw(Option<std::ops::Range<usize>>),
-    Value(Value),
-}
-
 /// A method's result, as it goes into the response's `data`.
 #[derive(Serialize)]
 #[serde(untagged)]
@@ -65,23 +58,10 @@ enum Data {
 /// Reads a request body: JSON without building a tree of its params,
 /// other codecs through [`RequestBody`].
 fn decode_request(message: &Message) -> Result<Request, CodecError> {
-    if matches!(
-        Codec::for_content_type(&message.content_type),
-        Ok(Codec::Json)
-    ) {
-        let payload: &[u8] = &message.payload;
-        let body: RequestIn<'_> =
-            serde_json::from_slice(payload).map_err(|e| CodecError::Decode {
-                content_type: CONTENT_TYPE_JSON,
-                message: e.to_string(),
-            })?;
-        let params = body.params.map(|raw| {
-            let start = (raw.get().as_ptr() as usize).saturating_sub(payload.as_ptr() as usize);
-            start..start + raw.get().len()
-        });
+    if let Some(body) = crate::params::read_json::<RequestIn<'_>>(message)? {
         return Ok(Request {
             method: body.method.into_owned(),
-            params: Params::Raw(params),
+            params: Params::located(&message.payload, body.params),
         });
     }
     let body: RequestBody = message.decode()?;
@@ -100,12 +80,7 @@ impl Method {
         request: Request,
     ) -> Result<Data, HandlerError> {
         let params = match request.params {
-            Params::Raw(None) => "null",
-            Params::Raw(Some(range)) => message
-                .payload
-                .get(range)
-                .and_then(|text| std::str::from_utf8(text).ok())
-                .ok_or_else(|| HandlerError::permanent("invalid params: not JSON text"))?,
+            Params::Raw(range) => crate::params::text(message, &range)?,
             Params::Value(params) => {
                 return self
                     .call_value(message, attempt, request.method, params)

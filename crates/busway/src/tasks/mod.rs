@@ -7,17 +7,21 @@
 //! with body `{"type", "params", "timestamp", "priority"}` and the priority
 //! also set on the message.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use busway_core::{ConsumeOptions, Delivery, Message, Priority, Publish, QueueName, QueueSpec};
+use busway_core::{
+    CodecError, ConsumeOptions, Delivery, Message, Priority, Publish, QueueName, QueueSpec,
+};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::sync::OnceCell;
 use tracing::Instrument;
@@ -25,9 +29,10 @@ use uuid::Uuid;
 
 use crate::bus::{lock, Bus, Counters, SendError, SetupError};
 use crate::handler::{
-    reject, run_caught, settle_failure, DeadLetterReason, HandlerError, RetryPolicy,
+    panic_message, reject, run_caught, settle_failure, DeadLetterReason, HandlerError, RetryPolicy,
 };
 use crate::middleware::{Envelope, HandlerLayers, HandlerService, MessageContext, TaskRequest};
+use crate::params::Params;
 
 /// The reference task queue's name.
 pub const TASK_QUEUE: &str = "task_queue";
@@ -35,20 +40,81 @@ pub const TASK_QUEUE: &str = "task_queue";
 /// How long a task waits in the queue before it expires (the reference's `x-message-ttl`).
 pub const TASK_TTL: Duration = Duration::from_secs(86_400);
 
-/// The reference task body.
-#[derive(Debug, Serialize, Deserialize)]
+/// The reference task body, as read from a payload in another encoding
+/// than JSON.
+#[derive(Debug, Deserialize)]
 struct TaskBody {
     #[serde(rename = "type")]
     kind: String,
     #[serde(default)]
     params: Value,
     #[serde(default)]
+    #[allow(dead_code)]
     timestamp: Option<String>,
     #[serde(default)]
+    #[allow(dead_code)]
     priority: Option<i64>,
 }
 
-type TaskFn = Arc<dyn Fn(Value) -> BoxFuture<'static, Result<(), HandlerError>> + Send + Sync>;
+/// The reference task body, as published: the params are JSON text already.
+#[derive(Serialize)]
+struct TaskBodyOut<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    params: &'a RawValue,
+    timestamp: String,
+    priority: i64,
+}
+
+/// The reference task body read from JSON, its params left as text in the
+/// payload. The timestamp and priority are checked for their types only.
+#[derive(Deserialize)]
+struct TaskBodyIn<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    params: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    #[allow(dead_code)]
+    timestamp: Option<Cow<'a, str>>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    priority: Option<i64>,
+}
+
+/// A received task: its type, and its params.
+struct Task {
+    kind: String,
+    params: Params,
+}
+
+impl Task {
+    /// Reads the task in `message`, leaving JSON params undecoded.
+    fn decode(message: &Message) -> Result<Self, CodecError> {
+        if let Some(body) = crate::params::read_json::<TaskBodyIn<'_>>(message)? {
+            return Ok(Self {
+                kind: body.kind.into_owned(),
+                params: Params::located(&message.payload, body.params),
+            });
+        }
+        let body: TaskBody = message.decode()?;
+        Ok(Self {
+            kind: body.kind,
+            params: Params::Value(body.params),
+        })
+    }
+}
+
+/// The params as a handler receives them.
+#[derive(Clone, Copy)]
+enum ParamsRef<'a> {
+    Text(&'a str),
+    Value(&'a Value),
+}
+
+/// A task handler, erased: decodes the params into its type, then runs.
+type TaskFn =
+    Arc<dyn Fn(ParamsRef<'_>) -> BoxFuture<'static, Result<(), HandlerError>> + Send + Sync>;
 
 /// The handlers and declaration state of one task queue on a bus.
 #[derive(Default)]
@@ -165,11 +231,15 @@ impl TaskQueue {
     {
         let handler = Arc::new(handler);
         let name = task_type.to_owned();
-        let erased: TaskFn = Arc::new(move |params: Value| {
+        let erased: TaskFn = Arc::new(move |params: ParamsRef<'_>| {
+            let params: Result<P, serde_json::Error> = match params {
+                ParamsRef::Text(text) => serde_json::from_str(text),
+                ParamsRef::Value(value) => P::deserialize(value),
+            };
             let handler = handler.clone();
             let name = name.clone();
             async move {
-                let params: P = serde_json::from_value(params).map_err(|e| {
+                let params = params.map_err(|e| {
                     HandlerError::permanent(format!("invalid params for task `{name}`: {e}"))
                 })?;
                 handler(params).await
@@ -201,7 +271,7 @@ impl TaskQueue {
         SubmitTask {
             queue: self.clone(),
             task_type: task_type.to_owned(),
-            params: serde_json::to_value(params),
+            params: serde_json::value::to_raw_value(params),
             priority: Priority::MIN,
             delay: None,
         }
@@ -360,14 +430,11 @@ impl IntoFuture for StartWorkers {
 fn dispatch(queue: &TaskQueue) -> HandlerService<TaskRequest, ()> {
     let queue = queue.clone();
     HandlerService::new(tower::service_fn(move |task: TaskRequest| {
-        let handler = queue.handler(&task.kind);
-        async move {
-            match handler {
-                Some(handler) => handler(task.body).await,
-                None => Err(HandlerError::permanent(format!(
-                    "unknown task type: {}",
-                    task.kind
-                ))),
+        match queue.handler(&task.kind) {
+            Some(handler) => handler(ParamsRef::Value(&task.body)),
+            None => {
+                let error = HandlerError::permanent(format!("unknown task type: {}", task.kind));
+                std::future::ready(Err(error)).boxed()
             }
         }
     }))
@@ -403,38 +470,68 @@ async fn run_task_traced(
         let reason = format!("max attempts ({}) exceeded", retry.max_attempts);
         return reject(delivery, DeadLetterReason::MaxAttempts, reason, &counters).await;
     }
-    let body: TaskBody = match delivery.message().decode() {
-        Ok(body) => body,
+    let task = match Task::decode(delivery.message()) {
+        Ok(task) => task,
         Err(e) => {
             Counters::bump(&counters.malformed);
             let reason = format!("malformed task: {e}");
             return reject(delivery, DeadLetterReason::Malformed, reason, &counters).await;
         }
     };
-    let Some(handler) = queue.handler(&body.kind) else {
-        let reason = format!("unknown task type: {}", body.kind);
+    let Some(handler) = queue.handler(&task.kind) else {
+        let reason = format!("unknown task type: {}", task.kind);
         return reject(delivery, DeadLetterReason::UnknownType, reason, &counters).await;
     };
-    let what = format!("task `{}`", body.kind);
-    let timer = crate::metrics::HandlerTimer::start(&body.kind);
-    let span = crate::trace::handle_span("task", &body.kind);
+    let timer = crate::metrics::HandlerTimer::start(&task.kind);
+    let span = crate::trace::handle_span("task", &task.kind);
     let outcome = match service {
         None => {
-            run_caught(handler(body.params), &counters)
-                .instrument(span.clone())
-                .await
+            let params = match &task.params {
+                Params::Raw(range) => {
+                    crate::params::text(delivery.message(), range).map(ParamsRef::Text)
+                }
+                Params::Value(value) => Ok(ParamsRef::Value(value)),
+            };
+            // The handler decodes its params before it returns its future:
+            // a panicking `Deserialize` is caught like a panicking handler.
+            let run = params.and_then(|params| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(params))).map_err(
+                    |panic| {
+                        Counters::bump(&counters.panics);
+                        HandlerError::new(panic_message(panic.as_ref()))
+                    },
+                )
+            });
+            match run {
+                Ok(run) => run_caught(run, &counters).instrument(span.clone()).await,
+                Err(e) => Err(e),
+            }
         }
         Some(service) => {
             use tower::ServiceExt;
-            let task = Envelope::new(
-                delivery.message().clone(),
-                delivery.attempt(),
-                body.kind,
-                body.params,
-            );
-            run_caught(service.oneshot(task), &counters)
-                .instrument(span.clone())
-                .await
+            let params = match task.params {
+                Params::Value(value) => Ok(value),
+                Params::Raw(range) => {
+                    crate::params::text(delivery.message(), &range).and_then(|text| {
+                        serde_json::from_str(text)
+                            .map_err(|e| HandlerError::permanent(format!("invalid params: {e}")))
+                    })
+                }
+            };
+            match params {
+                Ok(params) => {
+                    let request = Envelope::new(
+                        delivery.message().clone(),
+                        delivery.attempt(),
+                        task.kind.clone(),
+                        Arc::new(params),
+                    );
+                    run_caught(service.oneshot(request), &counters)
+                        .instrument(span.clone())
+                        .await
+                }
+                Err(e) => Err(e),
+            }
         }
     };
     timer.finish(outcome.is_ok());
@@ -444,7 +541,10 @@ async fn run_task_traced(
     }
     match outcome {
         Ok(()) => crate::handler::ack(delivery, "acking a task").await,
-        Err(error) => settle_failure(delivery, &retry, &what, error, &counters).await,
+        Err(error) => {
+            let what = format!("task `{}`", task.kind);
+            settle_failure(delivery, &retry, &what, error, &counters).await
+        }
     }
 }
 
@@ -455,7 +555,7 @@ async fn run_task_traced(
 pub struct SubmitTask {
     queue: TaskQueue,
     task_type: String,
-    params: Result<Value, serde_json::Error>,
+    params: Result<Box<RawValue>, serde_json::Error>,
     priority: Priority,
     delay: Option<Duration>,
 }
@@ -489,15 +589,14 @@ impl IntoFuture for SubmitTask {
                 message: e.to_string(),
             })?;
             queue.declare().await?;
-            let body = TaskBody {
-                kind: self.task_type.clone(),
-                params,
-                timestamp: Some(crate::time::now_iso8601()),
-                priority: Some(i64::from(self.priority.get())),
+            let body = TaskBodyOut {
+                kind: &self.task_type,
+                params: &params,
+                timestamp: crate::time::now_iso8601(),
+                priority: i64::from(self.priority.get()),
             };
-            let mut message = MessageContext::stamp(
-                Message::json(self.task_type, &body)?.with_priority(self.priority),
-            );
+            let message = Message::json(&self.task_type, &body)?;
+            let mut message = MessageContext::stamp(message.with_priority(self.priority));
             let span = crate::trace::publish_span(queue.queue.as_str(), &message);
             crate::trace::inject(&span, &mut message.headers);
             let id = message.id;
