@@ -191,8 +191,32 @@ async fn fetch_status(client: &Client, url: &str, init: Value) -> anyhow::Result
         .with_context(|| format!("fetch failed: {value}"))
 }
 
+/// The rendered text of the element `css` selects, read in one script so a
+/// refresh that replaces the element in between cannot leave a stale handle.
 async fn text(client: &Client, css: &str) -> anyhow::Result<String> {
-    Ok(client.find(Locator::Css(css)).await?.text().await?)
+    let value = client
+        .execute(
+            "const el = document.querySelector(arguments[0]); return el ? el.innerText : null;",
+            vec![json!(css)],
+        )
+        .await?;
+    match value {
+        Value::String(text) => Ok(text),
+        _ => bail!("no element matches {css}"),
+    }
+}
+
+/// Clicks the element `css` selects, found and clicked in one script (the
+/// tables are redrawn on every refresh).
+async fn click(client: &Client, css: &str) -> anyhow::Result<()> {
+    let clicked = client
+        .execute(
+            "const el = document.querySelector(arguments[0]); if (el) el.click(); return !!el;",
+            vec![json!(css)],
+        )
+        .await?;
+    ensure!(clicked == json!(true), "no element matches {css}");
+    Ok(())
 }
 
 /// Polls `check` until it holds.
@@ -346,11 +370,7 @@ async fn dashboard_in_a_browser_during_the_demo() -> anyhow::Result<()> {
             Ok(text(&client, "#auth-state").await? == "token set")
         })
         .await?;
-        client
-            .find(Locator::Css("#queues a[data-queue='task_queue']"))
-            .await?
-            .click()
-            .await?;
+        click(&client, "#queues a[data-queue='task_queue']").await?;
         eventually("the dead letters to be listed", || async {
             Ok(client
                 .find_all(Locator::Css("#dlq-letters tbody td:first-child code"))

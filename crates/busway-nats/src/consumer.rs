@@ -21,6 +21,9 @@ use crate::names::{self, QueueInfo};
 use crate::transport::{backend, io, InFlight, Inner, HEARTBEAT};
 use busway_core::envelope;
 
+/// How soon the scheduler sees again a delayed message it failed to move.
+const RETRY_PROMOTE: Duration = Duration::from_millis(200);
+
 type PullConsumer = jetstream::consumer::Consumer<pull::Config>;
 type Sender = mpsc::Sender<Result<Delivery, ConsumeError>>;
 
@@ -486,15 +489,17 @@ async fn schedule(
                 _ = &mut deadline => None,
             };
             let Some(Ok(m)) = m else { break };
-            if let Err(e) = promote(&inner, &queue, m).await {
-                tracing::debug!(queue = %queue.name, error = %e, "moving a delayed message failed");
+            if let Err(e) = promote(&inner, &queue, &m).await {
+                tracing::debug!(queue = %queue.name, error = %e, "moving a delayed message failed; trying again shortly");
+                // Back to the scheduler soon rather than after the ack wait.
+                let _ = m.ack_with(AckKind::Nak(Some(RETRY_PROMOTE))).await;
             }
         }
     }
 }
 
 /// Moves a due delayed message into its level, or holds it back until due.
-async fn promote(inner: &Inner, queue: &QueueInfo, m: jetstream::Message) -> Result<(), String> {
+async fn promote(inner: &Inner, queue: &QueueInfo, m: &jetstream::Message) -> Result<(), String> {
     let due = header_u64(m.headers.as_ref(), names::DUE).unwrap_or(0);
     let now = unix_millis(SystemTime::now());
     if due > now {
