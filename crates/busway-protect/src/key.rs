@@ -4,11 +4,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
-use aes_gcm::aead::KeyInit;
-use aes_gcm::Aes256Gcm;
-use chacha20poly1305::ChaCha20Poly1305;
+use hmac::digest::KeyInit;
 use hmac::Hmac;
 use rand::RngCore;
+use ring::aead::{LessSafeKey, UnboundKey, AES_256_GCM, CHACHA20_POLY1305};
 use sha2::Sha256;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
@@ -166,8 +165,8 @@ pub struct Keyring {
 /// does not derive it again. Clones of a keyring share them.
 pub(crate) struct KeyState {
     key: SecretKey,
-    aes: OnceLock<Aes256Gcm>,
-    chacha: OnceLock<ChaCha20Poly1305>,
+    aes: OnceLock<Option<LessSafeKey>>,
+    chacha: OnceLock<Option<LessSafeKey>>,
     hmac: OnceLock<Hmac<Sha256>>,
 }
 
@@ -181,16 +180,20 @@ impl KeyState {
         }
     }
 
-    /// The AES-256-GCM cipher of this key.
-    pub(crate) fn aes(&self) -> &Aes256Gcm {
-        self.aes
-            .get_or_init(|| Aes256Gcm::new(self.key.bytes().into()))
-    }
-
-    /// The ChaCha20-Poly1305 cipher of this key.
-    pub(crate) fn chacha(&self) -> &ChaCha20Poly1305 {
-        self.chacha
-            .get_or_init(|| ChaCha20Poly1305::new(self.key.bytes().into()))
+    /// The AEAD key of this key for `algorithm` (none for a signature).
+    pub(crate) fn aead(&self, algorithm: Algorithm) -> Option<&LessSafeKey> {
+        let (cell, aead) = match algorithm {
+            Algorithm::Aes256Gcm => (&self.aes, &AES_256_GCM),
+            Algorithm::ChaCha20Poly1305 => (&self.chacha, &CHACHA20_POLY1305),
+            Algorithm::HmacSha256 => return None,
+        };
+        // Both take 32-byte keys, so building one cannot fail.
+        cell.get_or_init(|| {
+            UnboundKey::new(aead, self.key.bytes())
+                .ok()
+                .map(LessSafeKey::new)
+        })
+        .as_ref()
     }
 
     /// A fresh HMAC-SHA256 of this key, ready for input.
@@ -205,8 +208,8 @@ impl KeyState {
 /// shorter than the block are zero-padded, RFC 2104).
 fn pad_hmac_key(
     key: &[u8; 32],
-) -> aes_gcm::aead::generic_array::GenericArray<u8, hmac::digest::consts::U64> {
-    let mut padded = aes_gcm::aead::generic_array::GenericArray::default();
+) -> hmac::digest::generic_array::GenericArray<u8, hmac::digest::consts::U64> {
+    let mut padded = hmac::digest::generic_array::GenericArray::default();
     padded[..32].copy_from_slice(key);
     padded
 }

@@ -5,10 +5,10 @@ use std::fmt;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use aes_gcm::aead::{Aead, Payload};
 use busway_core::{unix_millis, Message};
 use hmac::{Hmac, Mac};
 use rand::RngCore;
+use ring::aead::{Aad, Nonce};
 use sha2::Sha256;
 
 use crate::audit::{AuditAction, AuditRecord, AuditSink};
@@ -524,13 +524,16 @@ fn seal(
     aad: &[u8],
     plain: &[u8],
 ) -> Result<Vec<u8>, ProtectError> {
-    let payload = Payload { msg: plain, aad };
-    let sealed = match algorithm {
-        Algorithm::Aes256Gcm => key.aes().encrypt(nonce.into(), payload),
-        Algorithm::ChaCha20Poly1305 => key.chacha().encrypt(nonce.into(), payload),
-        Algorithm::HmacSha256 => return Err(ProtectError::EncryptionFailed),
-    };
-    sealed.map_err(|_| ProtectError::EncryptionFailed)
+    let aead = key.aead(algorithm).ok_or(ProtectError::EncryptionFailed)?;
+    let mut sealed = Vec::with_capacity(plain.len() + TAG_LEN);
+    sealed.extend_from_slice(plain);
+    aead.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key(*nonce),
+        Aad::from(aad),
+        &mut sealed,
+    )
+    .map_err(|_| ProtectError::EncryptionFailed)?;
+    Ok(sealed)
 }
 
 fn unseal(
@@ -540,12 +543,18 @@ fn unseal(
     aad: &[u8],
     sealed: &[u8],
 ) -> Option<Vec<u8>> {
-    let payload = Payload { msg: sealed, aad };
-    match algorithm {
-        Algorithm::Aes256Gcm => key.aes().decrypt(nonce.into(), payload).ok(),
-        Algorithm::ChaCha20Poly1305 => key.chacha().decrypt(nonce.into(), payload).ok(),
-        Algorithm::HmacSha256 => None,
-    }
+    let aead = key.aead(algorithm)?;
+    let mut plain = sealed.to_vec();
+    let len = aead
+        .open_in_place(
+            Nonce::assume_unique_for_key(*nonce),
+            Aad::from(aad),
+            &mut plain,
+        )
+        .ok()?
+        .len();
+    plain.truncate(len);
+    Some(plain)
 }
 
 fn feed(mac: &mut Hmac<Sha256>, aad: &[u8], payload: &[u8]) {
@@ -558,4 +567,54 @@ fn hmac_tag(key: &KeyState, aad: &[u8], payload: &[u8]) -> [u8; 32] {
     let mut mac = key.hmac();
     feed(&mut mac, aad, payload);
     mac.finalize().into_bytes().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Keyring, SecretKey};
+
+    fn bytes(hex: &str) -> Vec<u8> {
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+            .collect()
+    }
+
+    /// The published test vectors: the GCM specification's test case 16
+    /// and RFC 8439 section 2.8.2.
+    #[test]
+    fn seal_and_unseal_match_the_published_vectors() {
+        let cases = [
+            (
+                Algorithm::Aes256Gcm,
+                "feffe9928665731c6d6a8f9467308308feffe9928665731c6d6a8f9467308308",
+                "cafebabefacedbaddecaf888",
+                "feedfacedeadbeeffeedfacedeadbeefabaddad2",
+                bytes("d9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a721c3c0c95956809532fcf0e2449a6b525b16aedf5aa0de657ba637b39"),
+                "522dc1f099567d07f47f37a32a84427d643a8cdcbfe5c0c97598a2bd2555d1aa8cb08e48590dbb3da7b08b1056828838c5f61e6393ba7a0abcc9f66276fc6ece0f4e1768cddf8853bb2d551b",
+            ),
+            (
+                Algorithm::ChaCha20Poly1305,
+                "808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9f",
+                "070000004041424344454647",
+                "50515253c0c1c2c3c4c5c6c7",
+                b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip for the future, sunscreen would be it.".to_vec(),
+                "d31a8d34648e60db7b86afbc53ef7ec2a4aded51296e08fea9e2b5a736ee62d63dbea45e8ca9671282fafb69da92728b1a71de0a9e060b2905d6a5b67ecd3b3692ddbd7f2d778b8c9803aee328091b58fab324e4fad675945585808b4831d7bc3ff4def08e4b7a9de576d26586cec64b61161ae10b594f09e26a7e902ecbd0600691",
+            ),
+        ];
+        for (algorithm, key_hex, nonce, aad, plain, sealed) in cases {
+            let keyring =
+                Keyring::new().with_key("k", SecretKey::from_hex(key_hex).expect("a hex key"));
+            let key = keyring.get("k").expect("the key");
+            let nonce: [u8; NONCE_LEN] = bytes(nonce).try_into().expect("a 12-byte nonce");
+            let aad = bytes(aad);
+            let out = seal(algorithm, key, &nonce, &aad, &plain).expect("sealed");
+            assert_eq!(out, bytes(sealed), "{algorithm}");
+            assert_eq!(unseal(algorithm, key, &nonce, &aad, &out), Some(plain));
+            let mut flipped = out;
+            flipped[0] ^= 1;
+            assert_eq!(unseal(algorithm, key, &nonce, &aad, &flipped), None);
+        }
+    }
 }
