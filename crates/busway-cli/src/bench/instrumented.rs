@@ -3,7 +3,7 @@
 //! metrics recorder or a tracing subscriber), and the ratio of the two.
 //!
 //! Neither a recorder nor a subscriber can be removed once installed, so the
-//! bare run goes first.
+//! bare run goes first, after an untimed warm-up run.
 
 use anyhow::{bail, Context};
 
@@ -42,6 +42,9 @@ async fn run_work_queue(
     install: fn() -> anyhow::Result<&'static str>,
 ) -> anyhow::Result<()> {
     let redacted = busway::redact_url(&args.url);
+    work_queue::run_work_queue(&args.warm_up())
+        .await
+        .context("warm-up")?;
     reset_peak_rss();
     let off = work_queue::run_work_queue(args)
         .await

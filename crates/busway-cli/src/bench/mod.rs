@@ -12,6 +12,7 @@ use anyhow::{bail, Context};
 use busway::protect::PayloadProtection;
 use bytes::{BufMut, Bytes, BytesMut};
 use clap::{Args, ValueEnum};
+use futures::future::{FutureExt, LocalBoxFuture};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -83,6 +84,12 @@ pub(crate) struct BenchArgs {
     /// (scraped once a second), and print the ratio.
     #[arg(long, conflicts_with = "tracing")]
     metrics: bool,
+    /// Comparisons (`--baseline`, `--encrypt`, `--compress`, `--pattern
+    /// work-queue`) run this many rounds of two slices each, alternating
+    /// which side goes first (A B, B A, ...), after an untimed warm-up: a
+    /// store that warms up (file growth, caches) then favours neither side.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    rounds: u64,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -204,6 +211,18 @@ pub(crate) struct Measured {
 }
 
 impl Measured {
+    /// Two slices of one system as one run: their times added, their
+    /// latencies together.
+    fn merge(mut self, other: Measured) -> anyhow::Result<Measured> {
+        self.publish_elapsed += other.publish_elapsed;
+        self.consume_elapsed += other.consume_elapsed;
+        self.total_elapsed += other.total_elapsed;
+        self.latencies_us
+            .add(&other.latencies_us)
+            .context("merging latency histograms")?;
+        Ok(self)
+    }
+
     /// Stops the clock of a run that started at `start`. `consume_start` is
     /// when consuming began in a `--sequential` run (`None`: consumers ran
     /// alongside the publishers, so consuming took the whole run).
@@ -278,46 +297,108 @@ async fn run_transport(args: &BenchArgs) -> anyhow::Result<()> {
                 "--encrypt and --compress compare with the plain transport; leave out --baseline"
             );
         }
-        // The protected run goes first, so any warm-up favours the plain one.
-        reset_peak_rss();
-        let measured = transport::run(args, Some(protection))
-            .await
-            .with_context(|| format!("protected benchmark of {redacted} failed"))?;
-        let mut report = args.report(&name, &redacted, measured, peak_rss_bytes());
-        reset_peak_rss();
-        let measured = transport::run(args, None)
-            .await
-            .with_context(|| format!("benchmark of {redacted} failed"))?;
-        let plain = args.report("busway", &redacted, measured, peak_rss_bytes());
+        let protected = |sliced: BenchArgs| {
+            let protection = protection.clone();
+            async move { transport::run(&sliced, Some(protection)).await }.boxed_local()
+        };
+        let plain =
+            |sliced: BenchArgs| async move { transport::run(&sliced, None).await }.boxed_local();
+        let ((protected, protected_rss), (plain, plain_rss)) =
+            side_by_side(args, &protected, &plain)
+                .await
+                .with_context(|| format!("protected benchmark of {redacted} failed"))?;
+        let mut report = args.report(&name, &redacted, protected, protected_rss);
+        let plain = args.report("busway", &redacted, plain, plain_rss);
         report.ratio = Some(report.e2e_rate / plain.e2e_rate);
         report.baseline = Some(Box::new(plain));
         return emit(args.json, &report, print_table);
     }
 
-    // The baseline runs first: memory a run frees may stay resident, and the
-    // lean baseline leaves little behind to count against busway's peak.
-    let baseline = match args.baseline {
-        Some(Baseline::Raw) => {
-            reset_peak_rss();
-            let (name, measured) = raw::run(args).await.context("raw baseline failed")?;
-            Some(args.report(name, &redacted, measured, peak_rss_bytes()))
-        }
-        None => None,
-    };
+    if let Some(Baseline::Raw) = args.baseline {
+        let name = std::sync::OnceLock::new();
+        let busway =
+            |sliced: BenchArgs| async move { transport::run(&sliced, None).await }.boxed_local();
+        let raw = |sliced: BenchArgs| {
+            let name = &name;
+            async move {
+                let (system, measured) = raw::run(&sliced).await?;
+                let _ = name.set(system);
+                Ok(measured)
+            }
+            .boxed_local()
+        };
+        let ((measured, rss), (raw, raw_rss)) = side_by_side(args, &busway, &raw)
+            .await
+            .with_context(|| format!("benchmark of {redacted} beside its raw baseline failed"))?;
+        let mut report = args.report("busway", &redacted, measured, rss);
+        let baseline = args.report(
+            name.get().copied().unwrap_or("raw"),
+            &redacted,
+            raw,
+            raw_rss,
+        );
+        report.ratio = Some(report.e2e_rate / baseline.e2e_rate);
+        report.baseline = Some(Box::new(baseline));
+        return emit(args.json, &report, print_table);
+    }
     reset_peak_rss();
     let measured = transport::run(args, None)
         .await
         .with_context(|| format!("benchmark of {redacted} failed"))?;
-    let mut report = args.report("busway", &redacted, measured, peak_rss_bytes());
-    if let Some(baseline) = baseline {
-        report.ratio = Some(report.e2e_rate / baseline.e2e_rate);
-        report.baseline = Some(Box::new(baseline));
-    }
-
+    let report = args.report("busway", &redacted, measured, peak_rss_bytes());
     emit(args.json, &report, print_table)
 }
 
+/// One side of a comparison: runs the work of the `BenchArgs` it is given.
+pub(crate) type Side<'a> = &'a dyn Fn(BenchArgs) -> LocalBoxFuture<'a, anyhow::Result<Measured>>;
+
+/// Measures `a` and `b` in the same process on the same backend, fairly:
+/// an untimed [warm-up](BenchArgs::warm_up) of `b`, then `--rounds` rounds of one slice each
+/// (`--messages` split across the rounds), `a` first in odd rounds and `b`
+/// first in even ones. Returns each side's slices merged, with the highest
+/// peak RSS a slice of it reached.
+pub(crate) async fn side_by_side<'a>(
+    args: &BenchArgs,
+    a: Side<'a>,
+    b: Side<'a>,
+) -> anyhow::Result<((Measured, u64), (Measured, u64))> {
+    let rounds = args.rounds.min(args.messages).max(1);
+    let slice = |round: u64| {
+        let mut sliced = args.clone();
+        sliced.messages = args.messages / rounds + u64::from(round < args.messages % rounds);
+        sliced
+    };
+    b(args.warm_up()).await.context("warm-up")?;
+    let mut sides: [Option<(Measured, u64)>; 2] = [None, None];
+    for round in 0..rounds {
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for side in order {
+            reset_peak_rss();
+            let run = if side == 0 { a } else { b };
+            let measured = run(slice(round)).await?;
+            let peak = peak_rss_bytes();
+            sides[side] = Some(match sides[side].take() {
+                None => (measured, peak),
+                Some((so_far, top)) => (so_far.merge(measured)?, top.max(peak)),
+            });
+        }
+    }
+    let [Some(a), Some(b)] = sides else {
+        bail!("no round ran");
+    };
+    Ok((a, b))
+}
+
 impl BenchArgs {
+    /// An untimed run before the measured ones (an eighth of the
+    /// messages, no progress bar): files grown, caches and connections warm.
+    fn warm_up(&self) -> BenchArgs {
+        let mut warm_up = self.clone();
+        warm_up.messages = (self.messages / 8).max(1);
+        warm_up.json = true;
+        warm_up
+    }
+
     fn report(&self, system: &str, url: &str, m: Measured, peak_rss_bytes: u64) -> Report {
         let n = self.messages as f64;
         let rate = |d: Duration| n / d.as_secs_f64().max(1e-9);

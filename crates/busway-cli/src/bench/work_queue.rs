@@ -18,11 +18,12 @@ use busway::middleware::{
 };
 use busway::{Bus, HandlerError};
 use clap::ValueEnum;
+use futures::future::FutureExt;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use super::{new_histogram, peak_rss_bytes, reset_peak_rss, transport, BenchArgs, Measured};
+use super::{new_histogram, side_by_side, transport, BenchArgs, Measured};
 
 /// A middleware layer the work-queue bench can put on its tasks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -58,16 +59,12 @@ pub(super) async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         bail!("--messages must be at least 1");
     }
     let redacted = busway::redact_url(&args.url);
-    // The bare transport first, as the transport bench's baseline runs first.
-    reset_peak_rss();
-    let bare = transport::run(args, None)
-        .await
-        .with_context(|| format!("transport benchmark of {redacted} failed"))?;
-    let baseline = args.report("transport", &redacted, bare, peak_rss_bytes());
-    reset_peak_rss();
-    let measured = run_work_queue(args)
+    let tasks = |sliced: BenchArgs| async move { run_work_queue(&sliced).await }.boxed_local();
+    let bare = |sliced: BenchArgs| async move { transport::run(&sliced, None).await }.boxed_local();
+    let ((measured, rss), (bare, bare_rss)) = side_by_side(args, &tasks, &bare)
         .await
         .with_context(|| format!("work-queue benchmark of {redacted} failed"))?;
+    let baseline = args.report("transport", &redacted, bare, bare_rss);
     let names: Vec<String> = args
         .layers
         .iter()
@@ -78,7 +75,7 @@ pub(super) async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     } else {
         format!("work-queue+{}", names.join("+"))
     };
-    let mut report = args.report(&system, &redacted, measured, peak_rss_bytes());
+    let mut report = args.report(&system, &redacted, measured, rss);
     report.ratio = Some(report.e2e_rate / baseline.e2e_rate);
     report.baseline = Some(Box::new(baseline));
     if args.json {
