@@ -88,6 +88,8 @@ pub(crate) struct BenchArgs {
     /// work-queue`) run this many rounds of two slices each, alternating
     /// which side goes first (A B, B A, ...), after an untimed warm-up: a
     /// store that warms up (file growth, caches) then favours neither side.
+    /// Each slice has `--messages / N` messages (with `--sequential`, a
+    /// queue that deep: `--rounds 1` for the full depth).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
     rounds: u64,
     /// Print one JSON object instead of a table.
@@ -353,10 +355,10 @@ async fn run_transport(args: &BenchArgs) -> anyhow::Result<()> {
 pub(crate) type Side<'a> = &'a dyn Fn(BenchArgs) -> LocalBoxFuture<'a, anyhow::Result<Measured>>;
 
 /// Measures `a` and `b` in the same process on the same backend, fairly:
-/// an untimed [warm-up](BenchArgs::warm_up) of `b`, then `--rounds` rounds of one slice each
-/// (`--messages` split across the rounds), `a` first in odd rounds and `b`
-/// first in even ones. Returns each side's slices merged, with the highest
-/// peak RSS a slice of it reached.
+/// an untimed [warm-up](BenchArgs::warm_up) of `b`, then `--rounds` rounds
+/// of one slice of each side (`--messages` split across the rounds), `a`
+/// going first in the first round, `b` in the second, and so on. Returns
+/// each side's slices merged, with the highest peak RSS a slice of it reached.
 pub(crate) async fn side_by_side<'a>(
     args: &BenchArgs,
     a: Side<'a>,
